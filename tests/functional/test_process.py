@@ -1,0 +1,154 @@
+"""The real `twistd mailhost` process and the `mailhost` command, as an operator runs them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # the checkout's twisted/plugins/ is found through sys.path (no install needed)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _twistd(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+         "-n", "--pidfile=", "mailhost", *args],
+        cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_banner(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"twistd exited: {proc.stdout.read()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                return s.recv(512)
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("server did not start listening")
+
+
+def _cli(*args: str, stdin: str | None = None, cwd: Path | None = None):
+    return subprocess.run([sys.executable, "-m", "mailhost.cli", *args], input=stdin,
+                          capture_output=True, text=True, env=_env(), cwd=cwd, timeout=60)
+
+
+def test_bad_config_refuses_to_start_with_every_problem_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('hostname = "no such host!"\nfrobnicate = 1\n[limits]\nrecipients = "x"\n')
+    proc = _twistd("--config", str(bad), cwd=tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "hostname: expected a host name" in out
+    assert "frobnicate: unknown key" in out
+    assert "limits.recipients: expected an integer" in out
+    assert "data_dir: missing" in out
+    assert "Traceback" not in out
+
+
+def test_unusable_certificate_is_a_clear_error(tmp_path):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'hostname = "localhost"\ndata_dir = "{tmp_path}/d"\n[domains."localhost"]\n'
+                   f'[tls]\ncertificate = "{junk}"\nprivate_key = "{junk}"\n')
+    proc = _twistd("--config", str(cfg), cwd=tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "cannot start: cannot use certificate" in out
+    assert "Traceback" not in out
+
+
+def test_server_runs_and_sigterm_exits_cleanly(tmp_path):
+    port = _free_port()
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'hostname = "mx.example.org"\ndata_dir = "data"\n'
+                   f'[listen]\nsmtp = ["tcp:{port}:interface=127.0.0.1"]\n'
+                   '[domains."example.org"]\n')
+    proc = _twistd("--config", str(cfg), cwd=tmp_path)
+    try:
+        banner = _wait_banner(port, proc)
+        assert banner.startswith(b"220 mx.example.org")
+        assert (tmp_path / "data" / "tls" / "selfsigned.pem").exists()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "mailhost stopped" in out
+    assert "Traceback" not in out
+
+
+def test_embedded_default_starts_on_loopback(tmp_path):
+    """`twistd -n mailhost` with no config: the README's first command."""
+    for port in (2525, 2587, 2465, 2110, 2995, 2143, 2993):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(f"port {port} is busy on this machine; the default cannot bind")
+    proc = _twistd(cwd=tmp_path)
+    try:
+        banner = _wait_banner(2525, proc)
+        assert banner.startswith(b"220 localhost")
+        assert (tmp_path / "mailhost-data" / "mail").is_dir()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+
+
+def test_cli_user_lifecycle_and_check_config(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('hostname = "mx.example.org"\ndata_dir = "data"\n[domains."example.org"]\n')
+    r = _cli("--config", str(cfg), "check-config")
+    assert r.returncode == 0 and "configuration OK" in r.stdout
+    r = _cli("--config", str(cfg), "user", "add", "Alice@Example.org", "--password-stdin",
+             stdin="s3cret\n")
+    assert r.returncode == 0, r.stderr
+    root = tmp_path / "data" / "mail" / "example.org" / "alice"
+    assert (root / "new").is_dir() and (root / ".Sent" / "cur").is_dir()
+    passwd = tmp_path / "data" / "passwd"
+    assert passwd.stat().st_mode & 0o777 == 0o600
+    assert passwd.read_text().startswith("alice@example.org:$argon2id$")
+    assert _cli("--config", str(cfg), "user", "add", "alice@example.org",
+                "--password-stdin", stdin="x\n").returncode == 1
+    assert _cli("--config", str(cfg), "user", "add", "bob@elsewhere.test",
+                "--password-stdin", stdin="x\n").returncode == 1
+    r = _cli("--config", str(cfg), "user", "passwd", "alice@example.org", "--password-stdin",
+             stdin="new\n")
+    assert r.returncode == 0
+    assert _cli("--config", str(cfg), "user", "list").stdout == "alice@example.org\n"
+    assert _cli("--config", str(cfg), "user", "del", "alice@example.org").returncode == 0
+    assert _cli("--config", str(cfg), "user", "list").stdout == ""
+    assert _cli("--config", str(cfg), "user", "del", "alice@example.org").returncode == 1
+
+
+def test_cli_check_config_reports_all_problems(tmp_path):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('hostname = 5\n[listen]\nimap = ["carrier-pigeon:1"]\n')
+    r = _cli("--config", str(cfg), "check-config")
+    assert r.returncode == 1
+    assert "hostname: expected a host name" in r.stderr
+    assert "listen.imap[0]: unsupported endpoint type" in r.stderr
+    assert "domains: at least one local domain" in r.stderr
+    assert "Traceback" not in r.stderr
