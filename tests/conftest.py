@@ -6,11 +6,9 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _clean_reactor(request):
+def _clean_reactor():
     """Fail a test that leaves DelayedCalls behind (pytest-twisted does not check)."""
     yield
-    if "twisted" not in str(request.config.pluginmanager.get_plugins()):
-        return
     from twisted.internet import reactor
 
     leftover = [c for c in reactor.getDelayedCalls()
