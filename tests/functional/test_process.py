@@ -152,3 +152,30 @@ def test_cli_check_config_reports_all_problems(tmp_path):
     assert "listen.imap[0]: unsupported endpoint type" in r.stderr
     assert "domains: at least one local domain" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_json_log_lines_for_log_shippers(tmp_path):
+    import json
+
+    port = _free_port()
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'hostname = "mx.example.org"\ndata_dir = "data"\n'
+                   f'[listen]\nsmtp = ["tcp:{port}:interface=127.0.0.1"]\n'
+                   '[domains."example.org"]\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+         "--logger", "mailhost.logs.json_observer", "-n", "--pidfile=", "mailhost",
+         "--config", str(cfg)],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_banner(port, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    starting = [e for e in events if e.get("log_namespace") == "mailhost.service"
+                and "hostname" in e]
+    assert starting and starting[0]["hostname"] == "mx.example.org"
+    assert proc.returncode == 0
