@@ -118,6 +118,8 @@ class POP3Server(pop3.POP3):
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 - Twisted API
         self.connected = False
+        if self.factory is not None:
+            self.factory.sessions.discard(self)
         sender, self._sender = self._sender, None
         if sender is not None:
             sender.stopProducing()
@@ -528,10 +530,20 @@ class POP3Factory(protocol.ServerFactory):
             raise ValueError(f"not a POP3 role: {role!r}")
         self.ctx = ctx
         self.role = role
+        #: the open sessions, closed when the listener stops (nothing is deleted)
+        self.sessions: set[POP3Server] = set()
         ctx.realm.register(pop3.IMailbox, lambda key, mind: MaildirMaildrop(
             key, ctx.store.mailbox_path(key), ctx.reactor))
 
     def buildProtocol(self, addr: Any) -> POP3Server:  # noqa: N802 - Twisted API
         proto = POP3Server(self.ctx, self.role)
         proto.factory = self
+        self.sessions.add(proto)
         return proto
+
+    def stopFactory(self) -> None:  # noqa: N802 - Twisted API
+        """Server shutdown: end open sessions without the UPDATE state."""
+        for session in list(self.sessions):
+            if session.transport is not None and session.connected:
+                session.result = "shutdown"
+                session.transport.abortConnection()
