@@ -125,6 +125,12 @@ class FolderIndex:
                 cls._open[key] = index
             return index
 
+    @classmethod
+    def forget(cls, folder: Path) -> None:
+        """Drop the shared index of a folder that was deleted or renamed away."""
+        with cls._open_lock:
+            cls._open.pop(os.path.abspath(folder), None)
+
     def __init__(self, folder: Path, create: bool = True) -> None:
         self.folder = folder
         self._lock = threading.RLock()
@@ -148,7 +154,7 @@ class FolderIndex:
         try:
             text = self._uidlist.read_text("utf-8", errors="replace")
         except FileNotFoundError:
-            self.uidvalidity = int(time.time())
+            self.uidvalidity = _new_uidvalidity()
             self.uidnext = 1
             self._rewrite()
             return
@@ -176,7 +182,7 @@ class FolderIndex:
             self._by_base[entry.base] = entry
             self.uidnext = max(self.uidnext, uid + 1)
         if not self.uidvalidity:
-            self.uidvalidity = int(time.time())
+            self.uidvalidity = _new_uidvalidity()
         self._by_uid = dict(sorted(self._by_uid.items()))
 
     def _rewrite(self) -> None:
@@ -347,6 +353,30 @@ class FolderIndex:
             self._notify(FolderChanges(removed=tuple(removed)), origin)
         return removed
 
+    def claim_new(self, uids: Iterable[int]) -> list[int]:
+        """Move messages from new/ to cur/ (flags unchanged, no notification).
+
+        IMAP uses this to give \\Recent to exactly one session (RFC 3501 §2.3.2): the
+        session that moves a message out of new/ is the one that sees it as recent.
+        Returns the UIDs this call moved.
+        """
+        moved = []
+        with self._lock:
+            for uid in uids:
+                entry = self._by_uid.get(uid)
+                if entry is None or entry.subdir != "new":
+                    continue
+                old = entry.path
+                try:
+                    os.rename(old, self.folder / "cur" / f"{entry.base}:2,{entry.flags}")
+                except FileNotFoundError:
+                    continue
+                entry.subdir = "cur"
+                moved.append(uid)
+            if moved:
+                self._dir_stamp = None
+        return moved
+
     def tmp_path(self) -> Path:
         """A fresh path in this folder's tmp/ for writing a message before `add`."""
         return self.folder / "tmp" / unique_name()
@@ -365,6 +395,19 @@ class FolderIndex:
     def _notify(self, changes: FolderChanges, origin: object) -> None:
         for listener in list(self._listeners):
             listener(self, changes, origin)
+
+
+_last_uidvalidity = 0
+_uidvalidity_lock = threading.Lock()
+
+
+def _new_uidvalidity() -> int:
+    """A UIDVALIDITY never handed out before in this process (a folder deleted and
+    re-created within one second must not get its old value back, RFC 3501 §2.3.1.1)."""
+    global _last_uidvalidity
+    with _uidvalidity_lock:
+        _last_uidvalidity = max(int(time.time()), _last_uidvalidity + 1)
+        return _last_uidvalidity
 
 
 def _record(entry: MessageEntry) -> str:

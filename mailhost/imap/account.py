@@ -1,0 +1,239 @@
+"""One user's IMAP view of a Maildir++ tree: folder names, LIST, CREATE/DELETE/RENAME.
+
+INBOX is the Maildir++ root; folder `a.b` is the directory `.a.b` (hierarchy delimiter
+`.`, RFC 3501 §5.1.1). Names travel and are stored in modified UTF-7 (as Dovecot and
+Courier store them); only canonical forms are accepted and no name can leave the tree.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import attrs
+from zope.interface import Interface
+
+from mailhost.imap import utf7
+from mailhost.imap.wire import CommandFailed
+from mailhost.store.folders import SPECIAL_USE, SUBSCRIPTIONS, create_default_folders
+from mailhost.store.index import FolderIndex
+from mailhost.store.maildir import make_maildir
+
+DELIMITER = "."
+MAX_NAME = 512
+
+
+class IIMAPAccount(Interface):
+    """The avatar interface IMAP asks the realm for (an `IMAPAccount`)."""
+
+
+@attrs.frozen
+class FolderInfo:
+    """A name LIST shows: `selectable` False for a missing parent (`\\Noselect`)."""
+
+    name: str
+    selectable: bool
+    has_children: bool
+    special_use: str | None
+
+
+def validate_name(name: str) -> str:
+    """The canonical wire name of a folder; CommandFailed if it is not acceptable."""
+    if name.upper() == "INBOX":
+        return "INBOX"
+    if not name or len(name) > MAX_NAME:
+        raise CommandFailed("invalid mailbox name length", "CANNOT")
+    try:
+        decoded = utf7.decode(name)
+    except utf7.MailboxNameError as e:
+        raise CommandFailed(f"invalid mailbox name: {e}", "CANNOT") from None
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in decoded) or "/" in decoded \
+            or "\\" in decoded:
+        raise CommandFailed("mailbox names may not contain '/', '\\' or control characters",
+                            "CANNOT")
+    parts = name.split(DELIMITER)
+    if any(not p or p.strip() != p or p == "~" for p in parts):
+        raise CommandFailed("empty or blank hierarchy level in mailbox name", "CANNOT")
+    return name
+
+
+def list_pattern(reference: str, pattern: str) -> re.Pattern[str]:
+    """A LIST pattern (`*` any, `%` any but the delimiter, RFC 3501 §6.3.8) as a regex."""
+    full = reference + pattern
+    out = []
+    for ch in full:
+        if ch == "*":
+            out.append(".*")
+        elif ch == "%":
+            out.append("[^" + re.escape(DELIMITER) + "]*")
+        else:
+            out.append(re.escape(ch))
+    text = "".join(out)
+    if full.upper().startswith("INBOX") and not full.startswith("INBOX"):
+        text = "(?i:" + text[:5] + ")" + text[5:]
+    # INBOX matches case-insensitively
+    return re.compile("^(?:" + text + ")$")
+
+
+class IMAPAccount:
+    """Folders of one account under its Maildir++ root; metadata work only."""
+
+    def __init__(self, key: str, root: Path) -> None:
+        self.key = key
+        self.root = Path(root)
+
+    def ensure_defaults(self) -> None:
+        """Create the Maildir and the special-use folders if missing (first login)."""
+        if not all((self.root / f".{n}" / "cur").is_dir() for n in SPECIAL_USE):
+            create_default_folders(self.root)
+        make_maildir(self.root)
+
+    def path(self, name: str) -> Path:
+        name = validate_name(name)
+        if name == "INBOX":
+            return self.root
+        return self.root / f".{name}"
+
+    def exists(self, name: str) -> bool:
+        try:
+            return (self.path(name) / "cur").is_dir()
+        except CommandFailed:
+            return False
+
+    def index(self, name: str) -> FolderIndex:
+        """The shared index of an existing folder (CommandFailed [NONEXISTENT] if not)."""
+        if not self.exists(name):
+            raise CommandFailed("no such mailbox", "NONEXISTENT")
+        return FolderIndex.open(self.path(name))
+
+    def special_use(self, name: str) -> str | None:
+        return SPECIAL_USE.get(name)
+
+    # --- listing ------------------------------------------------------------------------
+
+    def _names_on_disk(self) -> set[str]:
+        names = set()
+        try:
+            with os.scandir(self.root) as it:
+                for de in it:
+                    if not de.name.startswith(".") or de.name in (".", ".."):
+                        continue
+                    name = de.name[1:]
+                    try:
+                        if de.is_dir() and validate_name(name) != "INBOX":
+                            names.add(name)
+                    except CommandFailed:
+                        continue
+        except FileNotFoundError:
+            pass
+        return names
+
+    def folders(self) -> list[FolderInfo]:
+        """Every folder, plus missing parents as non-selectable, INBOX first."""
+        real = self._names_on_disk()
+        every = set(real)
+        for name in real:
+            parts = name.split(DELIMITER)
+            for i in range(1, len(parts)):
+                every.add(DELIMITER.join(parts[:i]))
+        parents = {n.rsplit(DELIMITER, 1)[0] for n in every if DELIMITER in n}
+        out = [FolderInfo("INBOX", True, "INBOX" in parents, None)]
+        for name in sorted(every):
+            if name == "INBOX":
+                continue
+            out.append(FolderInfo(name, name in real, name in parents,
+                                  self.special_use(name)))
+        return out
+
+    # --- changing -----------------------------------------------------------------------
+
+    def create(self, name: str) -> None:
+        """RFC 3501 §6.3.3: a trailing delimiter only declares intent; parents are implied."""
+        name = name[:-1] if name.endswith(DELIMITER) and len(name) > 1 else name
+        name = validate_name(name)
+        if name == "INBOX" or self.exists(name):
+            raise CommandFailed("mailbox already exists", "ALREADYEXISTS")
+        path = self.path(name)
+        make_maildir(path)
+        (path / "maildirfolder").touch()
+        FolderIndex.open(path)
+
+    def delete(self, name: str) -> None:
+        """Remove a folder and its messages (blocking: run in a worker thread)."""
+        name = validate_name(name)
+        if name == "INBOX":
+            raise CommandFailed("INBOX cannot be deleted", "CANNOT")
+        if not self.exists(name):
+            raise CommandFailed("no such mailbox", "NONEXISTENT")
+        path = self.path(name)
+        # move aside first so a half-finished delete never looks like a folder
+        doomed = self.root / "tmp" / f"deleted{os.getpid()}{id(path)}{name[:40]}"
+        os.rename(path, doomed)
+        FolderIndex.forget(path)
+        shutil.rmtree(doomed, ignore_errors=True)
+        self.unsubscribe(name)
+
+    def rename(self, old: str, new: str) -> None:
+        """RFC 3501 §6.3.5, including the children; INBOX moves its messages out."""
+        old, new = validate_name(old), validate_name(new)
+        if new == "INBOX":
+            raise CommandFailed("cannot rename to INBOX", "ALREADYEXISTS")
+        if self.exists(new) or any(n.startswith(new + DELIMITER)
+                                   for n in self._names_on_disk()):
+            raise CommandFailed("target mailbox already exists", "ALREADYEXISTS")
+        if old == "INBOX":
+            self._rename_inbox(new)
+            return
+        real = self._names_on_disk()
+        moving = [n for n in real if n == old or n.startswith(old + DELIMITER)]
+        if old not in real:
+            raise CommandFailed("no such mailbox", "NONEXISTENT")
+        if new.startswith(old + DELIMITER):
+            raise CommandFailed("cannot move a mailbox into itself", "CANNOT")
+        for name in sorted(moving, key=len):
+            target = new + name[len(old):]
+            os.rename(self.root / f".{name}", self.root / f".{target}")
+            FolderIndex.forget(self.root / f".{name}")
+        subs = self.subscriptions()
+        changed = [s for s in subs if s == old or s.startswith(old + DELIMITER)]
+        if changed:
+            keep = [s for s in subs if s not in changed]
+            self._write_subscriptions(keep + [new + s[len(old):] for s in changed])
+
+    def _rename_inbox(self, new: str) -> None:
+        self.create(new)
+        target = self.path(new)
+        for sub in ("new", "cur"):
+            with os.scandir(self.root / sub) as it:
+                for de in it:
+                    if not de.name.startswith("."):
+                        os.rename(de.path, target / sub / de.name)
+        FolderIndex.open(self.root).sync(force=True)
+        FolderIndex.open(target).sync(force=True)
+
+    # --- subscriptions (RFC 3501 §6.3.6) -----------------------------------------------
+
+    def subscriptions(self) -> list[str]:
+        try:
+            text = (self.root / SUBSCRIPTIONS).read_text("utf-8", errors="replace")
+        except FileNotFoundError:
+            return []
+        return [line for line in text.split("\n") if line]
+
+    def _write_subscriptions(self, names: list[str]) -> None:
+        tmp = self.root / f".{SUBSCRIPTIONS}.tmp"
+        tmp.write_text("".join(f"{n}\n" for n in dict.fromkeys(names)), encoding="utf-8")
+        os.replace(tmp, self.root / SUBSCRIPTIONS)
+
+    def subscribe(self, name: str) -> None:
+        name = validate_name(name)
+        subs = self.subscriptions()
+        if name not in subs:
+            self._write_subscriptions(subs + [name])
+
+    def unsubscribe(self, name: str) -> None:
+        subs = self.subscriptions()
+        if name in subs:
+            self._write_subscriptions([s for s in subs if s != name])
