@@ -348,10 +348,18 @@ class Scheduler:
         await self._save(env)
 
     async def _maybe_remove(self, env: Envelope) -> None:
-        if env.id in self.entries and env.finished() and not self._busy.get(env.id):
-            self._forget(env.id)
+        if env.id not in self.entries or not env.finished() or self._busy.get(env.id):
+            return
+        lock = self._locks.setdefault(env.id, defer.DeferredLock())
+        await lock.acquire()  # no envelope save may land after the removal
+        try:
+            if self.entries.pop(env.id, None) is None:
+                return
             await self.spool.remove(env.id)
-            log.info("removed {queue_id}", event="queue.removed", queue_id=env.id)
+            self._forget(env.id)
+        finally:
+            lock.release()
+        log.info("removed {queue_id}", event="queue.removed", queue_id=env.id)
 
     def _forget(self, qid: str) -> None:
         self.entries.pop(qid, None)

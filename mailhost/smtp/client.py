@@ -26,9 +26,6 @@ from twisted.python.failure import Failure
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 
-#: RFC 5321 §4.5.3.2: greeting 5 min, MAIL 5 min, RCPT 5 min, DATA 2 min, end 10 min
-DATA_END_TIMEOUT = 600.0
-
 
 @attrs.frozen
 class Reply:
@@ -374,7 +371,7 @@ async def run_transaction(proto: SMTPReplyProtocol, txn: Transaction) -> Transac
             return TransactionResult(proto.tls, replies)
         stage = "message body"
         await proto.send_data(encode_data(txn.data))
-        reply = await proto.next_reply(timeout=max(proto.timeout, DATA_END_TIMEOUT))
+        reply = await proto.next_reply()  # RFC 5321 §4.5.3.2.6 (command_timeout)
         replies.update({r: reply for r in accepted})
         proto.quit()
     except Exception:

@@ -1,0 +1,229 @@
+"""Loopback fixtures for queue tests: a twisted.names DNS server with in-memory records,
+fake remote SMTP servers with scripted behaviour, and in-memory store / route fakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory
+from twisted.names import authority, client, common, dns, server
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
+
+from mailhost import config as config_mod
+from mailhost.interfaces import IMailStore, IMessageWriter
+
+# --- DNS ---------------------------------------------------------------------------
+
+class MemoryAuthority(authority.FileAuthority):
+    """An authority over records held in a dict: {b"name": [Record_*, ...]}."""
+
+    def __init__(self, zone: str, records: dict[str, list[Any]]) -> None:
+        common.ResolverBase.__init__(self)
+        soa = dns.Record_SOA(mname=f"ns.{zone}", rname=f"root.{zone}", serial=1,
+                             refresh=60, retry=60, expire=60, minimum=60, ttl=60)
+        self.soa = (zone.encode(), soa)
+        self.records = {zone.encode(): [soa]}
+        for name, recs in records.items():
+            self.records.setdefault(name.lower().encode(), []).extend(recs)
+
+
+class DNSFixture:
+    """A real DNS server on 127.0.0.1 (UDP, ephemeral port) and a client resolver."""
+
+    def __init__(self, zone: str, records: dict[str, list[Any]]) -> None:
+        self.authority = MemoryAuthority(zone, records)
+        factory = server.DNSServerFactory(authorities=[self.authority])
+        self.protocol = dns.DNSDatagramProtocol(factory)
+        self.port = reactor.listenUDP(0, self.protocol, interface="127.0.0.1")
+        self.address = ("127.0.0.1", self.port.getHost().port)
+        self.resolver = client.Resolver(servers=[self.address], reactor=reactor)
+
+    def stop(self) -> defer.Deferred:
+        return defer.maybeDeferred(self.port.stopListening)
+
+
+def mx(pref: int, name: str) -> Any:
+    return dns.Record_MX(pref, name, ttl=60)
+
+
+def a(ip: str) -> Any:
+    return dns.Record_A(ip, ttl=60)
+
+
+def aaaa(ip: str) -> Any:
+    return dns.Record_AAAA(ip, ttl=60)
+
+
+def cname(name: str) -> Any:
+    return dns.Record_CNAME(name, ttl=60)
+
+
+# --- fake remote SMTP servers ---------------------------------------------------------
+
+@attrs.define
+class Received:
+    sender: str
+    recipients: list[str]
+    data: bytes
+    tls: bool = False
+
+
+@attrs.define
+class Behaviour:
+    greeting: str = "220 fake.test ESMTP"
+    #: replies to RCPT for a given address (default 250)
+    rcpt: dict[str, str] = attrs.field(factory=dict)
+    #: temporary failures at MAIL for the first N transactions
+    tempfail_first: int = 0
+    #: close the connection after this many body bytes (mid-DATA)
+    drop_after: int | None = None
+    #: never answer the end of data
+    slow: bool = False
+    extensions: tuple[str, ...] = ("PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE 100000000")
+    tls_context: Any = None
+
+
+class FakeSMTP(LineReceiver):
+    """A scripted SMTP server recording what it receives (RFC 5321 subset)."""
+
+    delimiter = b"\r\n"
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self, fake: FakeServer) -> None:
+        self.fake = fake
+        self.b = fake.behaviour
+        self.in_data = False
+        self.sender = ""
+        self.rcpts: list[str] = []
+        self.lines: list[bytes] = []
+        self.body_bytes = 0
+        self.tls = False
+
+    def connectionMade(self) -> None:
+        self.fake.connections += 1
+        self.transport.write(self.b.greeting.encode() + b"\r\n")
+        if not self.b.greeting.startswith("220"):
+            self.transport.loseConnection()
+
+    def reply(self, text: str) -> None:
+        self.transport.write(text.encode() + b"\r\n")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.in_data:
+            return self.data_line(line)
+        cmd = line.decode("utf-8", "replace")
+        verb = cmd[:4].upper()
+        self.fake.commands.append(cmd)
+        if verb == "EHLO":
+            ext = list(self.b.extensions)
+            if self.b.tls_context is not None and not self.tls:
+                ext.append("STARTTLS")
+            self.reply("\r\n".join(["250-fake.test"] + [f"250-{e}" for e in ext[:-1]]
+                                   + [f"250 {ext[-1]}"]) if ext else "250 fake.test")
+        elif verb == "HELO":
+            self.reply("250 fake.test")
+        elif verb == "STAR":
+            self.reply("220 2.0.0 go ahead")
+            self.transport.startTLS(self.b.tls_context)
+            self.tls = True
+        elif verb == "MAIL":
+            self.fake.transactions += 1
+            if self.fake.transactions <= self.b.tempfail_first:
+                return self.reply("451 4.3.0 try again later")
+            self.sender = cmd.split(":", 1)[1].split(">")[0].lstrip(" <")
+            self.rcpts = []
+            self.reply("250 2.1.0 ok")
+        elif verb == "RCPT":
+            addr = cmd.split(":", 1)[1].split(">")[0].lstrip(" <")
+            answer = self.b.rcpt.get(addr, "250 2.1.5 ok")
+            if answer.startswith("2"):
+                self.rcpts.append(addr)
+            self.reply(answer)
+        elif verb == "DATA":
+            self.in_data, self.lines, self.body_bytes = True, [], 0
+            self.reply("354 go ahead")
+        elif verb == "RSET":
+            self.reply("250 ok")
+        elif verb == "QUIT":
+            self.reply("221 bye")
+            self.transport.loseConnection()
+        else:
+            self.reply("502 5.5.1 unknown command")
+
+    def data_line(self, line: bytes) -> None:
+        self.body_bytes += len(line) + 2
+        if self.b.drop_after is not None and self.body_bytes > self.b.drop_after:
+            self.transport.abortConnection()
+            return
+        if line == b".":
+            self.in_data = False
+            data = b"".join(ln + b"\n" for ln in self.lines)
+            if self.b.slow:
+                return
+            self.fake.received.append(Received(self.sender, self.rcpts, data, self.tls))
+            self.reply("250 2.0.0 queued as FAKE")
+            return
+        self.lines.append(line[1:] if line.startswith(b".") else line)  # RFC 5321 §4.5.2
+
+
+class FakeServer:
+    """A listening fake SMTP server on a loopback address."""
+
+    def __init__(self, behaviour: Behaviour | None = None, interface: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        self.behaviour = behaviour or Behaviour()
+        self.received: list[Received] = []
+        self.commands: list[str] = []
+        self.connections = 0
+        self.transactions = 0
+        factory = Factory.forProtocol(lambda: FakeSMTP(self))
+        self.listener = reactor.listenTCP(port, factory, interface=interface)
+        self.port = self.listener.getHost().port
+
+    def stop(self) -> defer.Deferred:
+        return defer.maybeDeferred(self.listener.stopListening)
+
+
+# --- store and routing fakes ----------------------------------------------------------
+
+@implementer(IMessageWriter)
+class MemoryWriter:
+    def __init__(self, store: MemoryStore, mailboxes: list[str]) -> None:
+        self.store, self.mailboxes, self.chunks, self.size = store, mailboxes, [], 0
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+
+    def commit(self) -> defer.Deferred:
+        for m in self.mailboxes:
+            self.store.delivered.setdefault(m, []).append(b"".join(self.chunks))
+        return defer.succeed([])
+
+    def abort(self) -> None:
+        self.chunks = []
+
+
+@implementer(IMailStore)
+class MemoryStore:
+    def __init__(self) -> None:
+        self.delivered: dict[str, list[bytes]] = {}
+
+    def open_delivery(self, mailboxes: list[str]) -> MemoryWriter:
+        return MemoryWriter(self, mailboxes)
+
+
+def route_local_for(domains: tuple[str, ...]):
+    def route(address: str) -> list[str] | None:
+        return [address.lower()] if address.rpartition("@")[2].lower() in domains else None
+    return route
+
+
+def make_config(tmp_path: Path, queue: str = "", hostname: str = "mx.example.org"):
+    text = (f'hostname = "{hostname}"\ndata_dir = "{tmp_path / "data"}"\n'
+            f'[domains."example.org"]\n[queue]\n{queue}\n')
+    return config_mod.loads(text)
