@@ -185,7 +185,8 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
             idx = buf.find(b"\r\n", self._pos)
             if idx < 0:
                 if len(buf) - self._pos > self.max_line:
-                    self._line_too_long()
+                    if not self._skip_line:  # answer once per over-long line
+                        self._line_too_long()
                     self._discard_partial()
                 break
             line = buf[self._pos:idx]

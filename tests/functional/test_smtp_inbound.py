@@ -1,0 +1,615 @@
+"""The MX role (issue 2 §3) against a real server, driven by smtplib and raw sockets."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+
+import pytest_twisted
+from twisted.internet import defer
+
+from tests.functional.conftest import in_thread, start_server
+
+SMTP_ROLES = ("smtp", "submission", "submissions")
+
+DOMAINS = """\
+[domains."example.org"]
+catch_all = ""
+[domains."example.org".aliases]
+info = ["alice", "bob"]
+sales = "alice"
+loop1 = "loop2"
+loop2 = "loop1"
+fwd = ["alice", "friend@remote.test"]
+[domains."catch.test"]
+catch_all = "alice@example.org"
+""".replace('catch_all = ""\n', "")
+
+LIMITS = """\
+[limits]
+message_size = 20000
+recipients = 5
+line_length = 1000
+bad_commands = 6
+connections_per_ip = 5
+"""
+
+BODY = b"Subject: test\r\nMessage-ID: <m1@client.test>\r\n\r\nHello there.\r\n"
+
+
+class FakeQueue:
+    """Records queue entries (the queue engineer's OutboundQueue has the same contract)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.entries: list[tuple[str, list[str], dict, bytes]] = []
+        self.fail = fail
+
+    def open_entry(self, sender, recipients, params):
+        queue = self
+
+        class Writer:
+            data = b""
+
+            def write(self, data: bytes) -> None:
+                self.data += data
+
+            def commit(self):
+                if queue.fail:
+                    return defer.fail(OSError("queue disk full"))
+                queue.entries.append((sender, list(recipients), params, self.data))
+                return defer.succeed(f"Q{len(queue.entries)}")
+
+            def abort(self) -> None:
+                self.data = b""
+
+        return Writer()
+
+
+async def mx_server(tmp_path, extra: str = LIMITS, queue=None, clock=None, roles=SMTP_ROLES,
+                    domains: str = DOMAINS):
+    srv = await start_server(tmp_path, extra=extra, roles=roles, domains=domains, clock=clock)
+    srv.ctx.queue = queue
+    for user in ("alice@example.org", "bob@example.org"):
+        srv.add_user(user)
+    return srv
+
+
+async def settle(srv) -> None:
+    """Wait (bounded) until the server has seen every client connection close."""
+    from twisted.internet import reactor, task
+
+    for _ in range(500):
+        if not srv.ctx.connections._open:
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+@pytest_twisted.async_yield_fixture
+async def mx(tmp_path):
+    srv = await mx_server(tmp_path)
+    yield srv
+    await settle(srv)
+    await srv.stop()
+
+
+def messages(srv, address: str) -> list[bytes]:
+    new = srv.maildir(address) / "new"
+    if not new.is_dir():
+        return []
+    return [p.read_bytes() for p in sorted(new.iterdir())]
+
+
+def send(port: int, sender: str, rcpts: list[str], body: bytes = BODY, helo="client.test"):
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.ehlo(helo)
+        return s.sendmail(sender, rcpts, body)
+
+
+def smtp_error(fn, *args):
+    """Run fn; return the (code, message) of the SMTP error it raised."""
+    try:
+        fn(*args)
+    except smtplib.SMTPRecipientsRefused as e:
+        return next(iter(e.recipients.values()))
+    except smtplib.SMTPResponseException as e:
+        return e.smtp_code, e.smtp_error
+    raise AssertionError("no SMTP error")
+
+
+class Raw:
+    """A raw line-oriented client for hostile input."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", family=socket.AF_INET) -> None:
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect((host, port))
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> list[bytes]:
+        """One (possibly multi-line) reply, as its lines."""
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise EOFError("connection closed")
+            lines.append(line.rstrip(b"\r\n"))
+            if line[3:4] != b"-":
+                return lines
+
+    def code(self) -> int:
+        return int(self.reply()[-1][:3])
+
+    def closed(self) -> bool:
+        try:
+            return self.file.readline() == b""
+        except (ConnectionResetError, TimeoutError):
+            return True
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def survives(srv) -> None:
+    """A fresh connection still gets a 220 and can deliver."""
+    send(srv.ports["smtp"], "check@remote.test", ["bob@example.org"],
+         b"Subject: still alive\r\n\r\nok\r\n")
+    assert any(b"still alive" in m for m in messages(srv, "bob@example.org"))
+
+
+# --- delivery ----------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_delivery_with_trace_headers(mx):
+    refused = yield in_thread(send, mx.ports["smtp"], "sender@remote.test",
+                              ["alice@example.org"])
+    assert refused == {}
+    [msg] = messages(mx, "alice@example.org")
+    lines = msg.split(b"\n")
+    assert lines[0] == b"Return-Path: <sender@remote.test>"
+    assert lines[1] == b"Received: from client.test ([127.0.0.1])"
+    assert lines[2].startswith(b"\tby mx.example.org (mailhost) with ESMTP id ")
+    assert lines[3].startswith(b"\tfor <alice@example.org>; ")
+    assert msg.endswith(b"Subject: test\nMessage-ID: <m1@client.test>\n\nHello there.\n")
+    assert b"\r" not in msg
+
+
+@pytest_twisted.inlineCallbacks
+def test_tag_and_case_insensitive(mx):
+    yield in_thread(send, mx.ports["smtp"], "s@remote.test", ["ALICE+news@Example.ORG"])
+    [msg] = messages(mx, "alice@example.org")
+    assert b"for <ALICE+news@example.org>" in msg
+
+
+@pytest_twisted.inlineCallbacks
+def test_unknown_user_550(mx):
+    code, text = yield in_thread(smtp_error, send, mx.ports["smtp"], "s@remote.test",
+                                 ["nobody@example.org"])
+    assert code == 550 and text.startswith(b"5.1.1")
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_open_relay_from_loopback(mx):
+    code, text = yield in_thread(smtp_error, send, mx.ports["smtp"], "s@example.org",
+                                 ["victim@remote.test"])
+    assert code == 554 and text.startswith(b"5.7.1")
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_open_relay_from_ipv6_loopback(tmp_path):
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+        have_v6 = True
+    except OSError:
+        have_v6 = False
+    listen = 'smtp = ["tcp:0:interface=127.0.0.1"' + \
+        (', "tcp6:0:interface=\\\\:\\\\:1"' if have_v6 else "") + ']\n'
+    srv = yield defer.ensureDeferred(
+        mx_server(tmp_path, roles=("submission",), domains=listen + DOMAINS))
+    try:
+        # the policy decision itself, whatever the address family
+        from mailhost.address import parse_address
+        decision = srv.ctx.policy.decide_recipient(parse_address("v@remote.test"), None,
+                                                   queue_available=True)
+        assert (decision.accepted, decision.code, decision.status) == (False, 554, "5.7.1")
+        if have_v6:
+            port = (yield srv.service.listeners["smtp"][1]._waitingForPort).getHost().port
+
+            def relay_v6():
+                with smtplib.SMTP("::1", port, timeout=10) as s:
+                    s.ehlo("client.test")
+                    code, text = s.mail("s@example.org")
+                    assert code == 250
+                    return s.rcpt("victim@remote.test")
+
+            code, text = yield in_thread(relay_v6)
+            assert code == 554 and text.startswith(b"5.7.1")
+
+            def local_v6():
+                with smtplib.SMTP("::1", port, timeout=10) as s:
+                    s.ehlo("client.test")
+                    s.sendmail("s@remote.test", ["bob@example.org"], BODY)
+
+            yield in_thread(local_v6)
+            [msg] = messages(srv, "bob@example.org")
+            assert b"([IPv6:::1])" in msg
+    finally:
+        yield srv.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_alias_expansion_hard_links(mx):
+    yield in_thread(send, mx.ports["smtp"], "s@remote.test", ["Info@example.org"])
+    a = list((mx.maildir("alice@example.org") / "new").iterdir())
+    b = list((mx.maildir("bob@example.org") / "new").iterdir())
+    assert len(a) == len(b) == 1
+    assert a[0].stat().st_ino == b[0].stat().st_ino  # one file, linked into both
+
+
+@pytest_twisted.inlineCallbacks
+def test_alias_loop_refused(mx):
+    code, text = yield in_thread(smtp_error, send, mx.ports["smtp"], "s@remote.test",
+                                 ["loop1@example.org"])
+    assert code == 550 and text.startswith(b"5.4.6")
+
+
+@pytest_twisted.inlineCallbacks
+def test_catch_all(mx):
+    yield in_thread(send, mx.ports["smtp"], "s@remote.test", ["anything@catch.test"])
+    assert len(messages(mx, "alice@example.org")) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_alias_with_remote_target_needs_queue(mx):
+    code, text = yield in_thread(smtp_error, send, mx.ports["smtp"], "s@remote.test",
+                                 ["fwd@example.org"])
+    assert code == 451 and text.startswith(b"4.3.0")
+    assert messages(mx, "alice@example.org") == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_local_and_remote_copies(mx):
+    mx.ctx.queue = FakeQueue()
+    yield in_thread(send, mx.ports["smtp"], "s@remote.test", ["fwd@example.org"])
+    [msg] = messages(mx, "alice@example.org")
+    [(sender, rcpts, params, data)] = mx.ctx.queue.entries
+    assert (sender, rcpts) == ("s@remote.test", ["friend@remote.test"])
+    assert data.startswith(b"Received: from client.test")  # no Return-Path when relaying
+    assert msg.startswith(b"Return-Path: <s@remote.test>\n")
+    assert data.endswith(b"Hello there.\n")
+
+
+@pytest_twisted.inlineCallbacks
+def test_queue_failure_delivers_nothing(mx):
+    mx.ctx.queue = FakeQueue(fail=True)
+    code, text = yield in_thread(smtp_error, send, mx.ports["smtp"], "s@remote.test",
+                                 ["fwd@example.org"])
+    assert code == 451 and text.startswith(b"4.3.0")
+    assert messages(mx, "alice@example.org") == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_store_failure_451(mx):
+    def broken(mailboxes):
+        raise OSError(28, "No space left on device")
+
+    mx.ctx.store.open_delivery = broken
+    code, text = yield in_thread(smtp_error, send, mx.ports["smtp"], "s@remote.test",
+                                 ["alice@example.org"])
+    assert code == 451 and text.startswith(b"4.3.0")
+    del mx.ctx.store.open_delivery
+    yield in_thread(survives, mx)
+
+
+# --- limits ------------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_oversize_declared_at_mail(mx):
+    def run():
+        with smtplib.SMTP("127.0.0.1", mx.ports["smtp"], timeout=10) as s:
+            s.ehlo("client.test")
+            assert s.esmtp_features["size"] == "20000"
+            return s.mail("s@remote.test", ["SIZE=20001"])
+
+    code, text = yield in_thread(run)
+    assert code == 552 and text.startswith(b"5.3.4")
+
+
+@pytest_twisted.inlineCallbacks
+def test_oversize_during_data(mx):
+    def run():
+        raw = Raw(mx.ports["smtp"])
+        assert raw.code() == 220
+        raw.send(b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
+                 b"DATA\r\n")
+        codes = [raw.code() for _ in range(4)]
+        line = b"x" * 900 + b"\r\n"
+        for _ in range(40):
+            raw.send(line)
+        raw.send(b".\r\nNOOP\r\n")
+        reply = raw.reply()
+        return codes, reply, raw.code()
+
+    codes, reply, noop = yield in_thread(run)
+    assert codes == [250, 250, 250, 354]
+    assert reply[0].startswith(b"552 5.3.4")
+    assert noop == 250
+    assert messages(mx, "alice@example.org") == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_too_many_recipients(mx):
+    def run():
+        with smtplib.SMTP("127.0.0.1", mx.ports["smtp"], timeout=10) as s:
+            s.ehlo("c")
+            s.mail("s@remote.test")
+            return [s.rcpt("alice@example.org") for _ in range(6)]
+
+    replies = yield in_thread(run)
+    assert [c for c, _ in replies] == [250] * 5 + [452]
+    assert replies[-1][1].startswith(b"4.5.3")
+
+
+@pytest_twisted.inlineCallbacks
+def test_megabyte_line_in_command_and_data(mx):
+    def run():
+        raw = Raw(mx.ports["smtp"])
+        raw.code()
+        raw.send(b"NOOP " + b"A" * (1 << 20) + b"\r\nNOOP\r\n")
+        first = raw.reply()
+        second = raw.code()
+        raw.send(b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
+                 b"DATA\r\n")
+        codes = [raw.code() for _ in range(4)]
+        raw.send(b"Subject: long\r\n\r\n" + b"B" * (1 << 20) + b"\r\n.\r\n")
+        end = raw.reply()
+        raw.send(b"MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+        codes += [raw.code() for _ in range(3)]
+        raw.send(b"Subject: long\r\n\r\n" + b"C" * 2000 + b"\r\n.\r\n")
+        end2 = raw.reply()
+        raw.send(b"QUIT\r\n")
+        return first, second, codes, end + end2, raw.code()
+
+    first, second, codes, end, quit_code = yield in_thread(run)
+    assert first[0].startswith(b"500 5.5.2")
+    assert second == 250
+    assert codes == [250, 250, 250, 354, 250, 250, 354]
+    assert end[0].startswith(b"552 5.3.4")  # the 1 MB line is over the size limit too
+    assert end[1].startswith(b"500 5.5.2")  # a 2000-byte line is over line_length
+    assert quit_code == 221
+    assert messages(mx, "alice@example.org") == []
+    yield in_thread(survives, mx)
+
+
+@pytest_twisted.inlineCallbacks
+def test_lf_dot_lf_does_not_end_data(mx):
+    def run():
+        raw = Raw(mx.ports["smtp"])
+        raw.code()
+        raw.send(b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
+                 b"DATA\r\n")
+        assert [raw.code() for _ in range(4)] == [250, 250, 250, 354]
+        raw.send(b"Subject: smuggle\r\n\r\nfirst\n.\nMAIL FROM:<evil@remote.test>\n"
+                 b"RCPT TO:<bob@example.org>\nDATA\nsmuggled\r\n.\r\n")
+        end = raw.code()
+        raw.send(b"QUIT\r\n")
+        return end, raw.code()
+
+    end, quit_code = yield in_thread(run)
+    assert (end, quit_code) == (250, 221)
+    [msg] = messages(mx, "alice@example.org")
+    assert b"smuggled" in msg
+    assert messages(mx, "bob@example.org") == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_garbage_gets_errors_not_tracebacks(mx):
+    def run():
+        raw = Raw(mx.ports["smtp"])
+        raw.code()
+        replies = []
+        for junk in (b"\xff\xfe\x00garbage", "MAİL FROM:<a@b.c>".encode(), b"", b"AUTH",
+                     b"EHLO"):
+            raw.send(junk + b"\r\n")
+            replies.append(raw.reply()[-1][:9])
+        raw.send(b"QUIT\r\n")
+        return replies, raw.code()
+
+    replies, quit_code = yield in_thread(run)
+    assert replies == [b"500 5.5.2", b"500 5.5.2", b"500 5.5.2", b"503 5.5.1", b"501 5.5.4"]
+    assert quit_code == 221
+    yield in_thread(survives, mx)
+
+
+@pytest_twisted.inlineCallbacks
+def test_too_many_errors_closes(mx):
+    def run():
+        raw = Raw(mx.ports["smtp"])
+        raw.code()
+        raw.send(b"BOGUS\r\n" * 10)
+        codes = []
+        while True:
+            try:
+                codes.append(raw.code())
+            except (EOFError, ConnectionResetError):
+                return codes
+
+    codes = yield in_thread(run)
+    assert codes == [500] * 6 + [421]
+    yield in_thread(survives, mx)
+
+
+@pytest_twisted.inlineCallbacks
+def test_connections_per_ip(mx):
+    def run():
+        held = [Raw(mx.ports["smtp"]) for _ in range(5)]
+        codes = [r.code() for r in held]
+        extra = Raw(mx.ports["smtp"])
+        reply = extra.reply()
+        closed = extra.closed()
+        for r in held:
+            r.close()
+        extra.close()
+        return codes, reply, closed
+
+    codes, reply, closed = yield in_thread(run)
+    assert codes == [220] * 5
+    assert reply[0].startswith(b"421 ") and b"4.7.0" in reply[0]
+    assert closed
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_commands_answered_in_order(mx):
+    def run():
+        raw = Raw(mx.ports["smtp"])
+        raw.code()
+        raw.send(b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
+                 b"RCPT TO:<nobody@example.org>\r\nRCPT TO:<x@remote.test>\r\n"
+                 b"RCPT TO:<bob@example.org>\r\nDATA\r\n")
+        codes = [raw.code() for _ in range(7)]
+        raw.send(b"Subject: p\r\n\r\nbody\r\n.\r\nMAIL FROM:<t@remote.test>\r\n"
+                 b"RCPT TO:<bob@example.org>\r\nDATA\r\nSubject: q\r\n\r\nb2\r\n.\r\n"
+                 b"NOOP\r\nQUIT\r\n")
+        more = [raw.code() for _ in range(7)]
+        return codes, more
+
+    codes, more = yield in_thread(run)
+    assert codes == [250, 250, 250, 550, 554, 250, 354]
+    assert more == [250, 250, 250, 354, 250, 250, 221]
+    assert len(messages(mx, "alice@example.org")) == 1
+    assert len(messages(mx, "bob@example.org")) == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelining_with_slow_policy(mx):
+    """An asynchronous recipient check still gets every reply in order (Twisted 8126)."""
+    from twisted.internet import reactor
+
+    real = mx.ctx.policy.decide_recipient
+
+    def slow(address, account, queue_available=True):
+        d = defer.Deferred()
+        reactor.callLater(0.01, lambda: d.callback(real(address, account,
+                                                        queue_available=queue_available)))
+        return d
+
+    mx.ctx.policy.decide_recipient = slow
+
+    def run():
+        raw = Raw(mx.ports["smtp"])
+        raw.code()
+        raw.send(b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<nobody@example.org>\r\n"
+                 b"RCPT TO:<alice@example.org>\r\nDATA\r\nSubject: s\r\n\r\nx\r\n.\r\n"
+                 b"QUIT\r\n")
+        return [raw.code() for _ in range(7)]
+
+    codes = yield in_thread(run)
+    assert codes == [250, 250, 550, 250, 354, 250, 221]
+
+
+# --- TLS -----------------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_received_header_has_cipher(mx):
+    def run():
+        with smtplib.SMTP("127.0.0.1", mx.ports["smtp"], timeout=10) as s:
+            s.ehlo("client.test")
+            assert s.has_extn("starttls")
+            s.starttls(context=mx.client_tls())
+            s.ehlo("client.test")
+            assert not s.has_extn("starttls")
+            assert not s.has_extn("auth")  # auth.smtp_auth is off on the MX role
+            s.sendmail("s@remote.test", ["alice@example.org"], BODY)
+            return s.sock.version(), s.sock.cipher()[0]
+
+    version, cipher = yield in_thread(run)
+    [msg] = messages(mx, "alice@example.org")
+    assert f"(using {version} with cipher {cipher})".encode() in msg
+    assert b"with ESMTPS id" in msg
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_command_injection_discarded(mx):
+    def run():
+        raw = Raw(mx.ports["smtp"])
+        raw.code()
+        raw.send(b"EHLO c\r\n")
+        raw.reply()
+        # the injected commands arrive in the same plaintext read as STARTTLS
+        raw.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@remote.test>\r\n")
+        ready = raw.reply()
+        tls = mx.client_tls().wrap_socket(raw.sock, server_hostname="mx.example.org")
+        f = tls.makefile("rb")
+        # if RSET/MAIL had run inside TLS, their replies would come first
+        tls.sendall(b"RCPT TO:<alice@example.org>\r\nEHLO c\r\nQUIT\r\n")
+        out = f.read()
+        tls.close()
+        return ready, out
+
+    ready, out = yield in_thread(run)
+    assert ready[0].startswith(b"220 2.0.0")
+    lines = out.split(b"\r\n")
+    assert lines[0].startswith(b"503 5.5.1")  # no MAIL in effect: HELO state was reset
+    assert lines[-2].startswith(b"221")
+    assert not any(line.startswith(b"250 2.1.0") for line in lines)
+    yield in_thread(survives, mx)
+
+
+# --- timeouts with an injected clock ---------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_idle_timeout_and_session_length(tmp_path):
+    from twisted.internet import task
+
+    clock = task.Clock()
+    srv = yield defer.ensureDeferred(mx_server(
+        tmp_path, clock=clock, extra=LIMITS + "idle_timeout = 30\nsession_length = 100\n"))
+    try:
+        def connect():
+            raw = Raw(srv.ports["smtp"])
+            assert raw.code() == 220
+            return raw
+
+        raw = yield in_thread(connect)
+        clock.advance(31)
+        reply = yield in_thread(raw.reply)
+        assert reply[0].startswith(b"421 mx.example.org 4.4.2")
+        assert (yield in_thread(raw.closed))
+
+        busy = yield in_thread(connect)
+        for step in (25, 25, 25, 26):  # never idle, but too long in total
+            code = yield in_thread(lambda: (busy.send(b"NOOP\r\n"), busy.code())[1])
+            assert code == 250
+            clock.advance(step)
+        reply = yield in_thread(busy.reply)
+        assert b"4.4.2" in reply[0] and b"session too long" in reply[0]
+    finally:
+        yield srv.stop()
+        for call in clock.getDelayedCalls():
+            call.cancel()
+
+
+@pytest_twisted.inlineCallbacks
+def test_refuses_mail_while_stopping(mx):
+    def run():
+        raw = Raw(mx.ports["smtp"])
+        raw.code()
+        raw.send(b"EHLO c\r\n")
+        raw.reply()
+        mx.ctx.stopping = True
+        raw.send(b"MAIL FROM:<s@remote.test>\r\n")
+        return raw.reply(), raw.closed()
+
+    reply, closed = yield in_thread(run)
+    mx.ctx.stopping = False
+    assert b"421" in reply[0] and b"4.3.2" in reply[0]
+    assert closed
