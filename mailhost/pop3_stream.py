@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 from twisted.internet import defer, interfaces
 from zope.interface import implementer
 
-CHUNK = 256 * 1024
+CHUNK = 1024 * 1024
 
 
 class WireEncoder:
@@ -36,7 +36,10 @@ class WireEncoder:
             self._held_cr = True
         if not chunk:
             return b""
-        out = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").replace(b"\n.", b"\n..")
+        if b"\r" in chunk:  # rare: files written with CRLF by another tool
+            chunk = chunk.replace(b"\r\n", b"\n")
+        # RFC 1939 §3 byte-stuffing on LF lines, then LF -> CRLF (fewest passes)
+        out = chunk.replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
         if self._at_line_start and out.startswith(b"."):
             out = b"." + out
         self._at_line_start = out.endswith(b"\n")
