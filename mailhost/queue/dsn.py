@@ -82,7 +82,8 @@ def build_report(hostname: str, envelope: Envelope, recipients: list[Recipient],
     msgid = f"<{secrets.token_hex(10)}@{hostname}>"
     subject = ("Undelivered Mail Returned to Sender" if action == FAILED
                else "Delayed Mail (still being retried)")
-    utf8 = not envelope.sender.isascii() or not original_headers(original).isascii()
+    utf8 = (not envelope.sender.isascii() or not original_headers(original).isascii()
+            or not all(r.address.isascii() for r in recipients))
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: <{envelope.sender}>",

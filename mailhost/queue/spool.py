@@ -217,6 +217,8 @@ class SpoolFiles:
         if not self.control.is_dir():
             return out
         for p in sorted(self.control.iterdir()):
+            if not p.is_file():
+                continue
             action, _, qid = p.name.partition("-")
             p.unlink(missing_ok=True)
             if action in ("flush", "bounce") and (qid == "ALL" or valid_queue_id(qid)):

@@ -9,94 +9,18 @@ import email
 from email import policy as email_policy
 
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 
-from mailhost.queue.service import OutboundQueue
 from mailhost.queue.spool import DELIVERED, PENDING
 from tests.functional.queue_helpers import (
+    MESSAGE,
     Behaviour,
-    DNSFixture,
-    FakeServer,
-    MemoryStore,
+    Harness,
     a,
     aaaa,
     cname,
-    make_config,
     mx,
-    route_local_for,
 )
-
-MESSAGE = (b"From: alice@example.org\nTo: bob@dest.test\nSubject: hello\n"
-           b"Message-ID: <m1@example.org>\n\nHello Bob.\n.A line with a dot.\n")
-
-
-class Harness:
-    """An OutboundQueue on a task.Clock with fake remote servers and DNS."""
-
-    def __init__(self, tmp_path) -> None:
-        self.tmp_path = tmp_path
-        self.clock = task.Clock()
-        self.store = MemoryStore()
-        self.servers: list[FakeServer] = []
-        self.dns: DNSFixture | None = None
-        self.queue: OutboundQueue | None = None
-        self.port = 0
-
-    def server(self, behaviour: Behaviour | None = None,
-               interface: str = "127.0.0.1") -> FakeServer:
-        srv = FakeServer(behaviour, interface=interface, port=self.port)
-        self.port = srv.port
-        self.servers.append(srv)
-        return srv
-
-    async def start(self, records: dict, queue: str = "", route=None) -> OutboundQueue:
-        if self.dns is None:
-            self.dns = DNSFixture("test", records)
-        self.config = make_config(
-            self.tmp_path, f"remote_port = {self.port or 1}\n"
-            f'dns_servers = ["127.0.0.1:{self.dns.address[1]}"]\n{queue}')
-        self.queue = OutboundQueue(self.config, reactor, self.store,
-                                   route or route_local_for(("example.org",)),
-                                   resolver=self.dns.resolver, clock=self.clock)
-        self.queue.startService()
-        await self.queue.ready
-        return self.queue
-
-    async def restart(self, route=None) -> OutboundQueue:
-        await self.queue.stopService()
-        self.queue = OutboundQueue(self.config, reactor, self.store,
-                                   route or route_local_for(("example.org",)),
-                                   resolver=self.dns.resolver, clock=self.clock)
-        self.queue.startService()
-        await self.queue.ready
-        return self.queue
-
-    async def submit(self, sender: str, rcpts: list[str], data: bytes = MESSAGE,
-                     params: dict | None = None) -> str:
-        writer = self.queue.open_entry(sender, rcpts, params or {})
-        writer.write(data)
-        return await writer.commit()
-
-    async def run(self) -> None:
-        await self.queue.scheduler.run_due()
-
-    async def advance(self, seconds: float) -> None:
-        self.clock.advance(seconds)
-        await self.run()
-
-    def envelope(self, qid: str):
-        return self.queue.spool.files.read_envelope(qid)
-
-    def on_disk(self) -> list[str]:
-        return list(self.queue.spool.files.ids())
-
-    async def stop(self) -> None:
-        if self.queue is not None and self.queue.running:
-            await self.queue.stopService()
-        for srv in self.servers:
-            await srv.stop()
-        if self.dns is not None:
-            await self.dns.stop()
 
 
 @pytest_twisted.async_yield_fixture

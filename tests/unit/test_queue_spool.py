@@ -1,0 +1,69 @@
+"""Spool files: JSON envelopes, atomic writes, crash leftovers, control requests."""
+
+from __future__ import annotations
+
+from mailhost.queue.scheduler import retry_delay
+from mailhost.queue.spool import Envelope, Recipient, SpoolFiles, new_queue_id, valid_queue_id
+
+
+def _env() -> Envelope:
+    return Envelope(id=new_queue_id(), sender="", created=5.0,
+                    recipients=[Recipient("a@b.test", notify="NEVER")], ret="HDRS")
+
+
+def test_envelope_round_trip_is_json():
+    env = _env()
+    raw = env.to_json()
+    assert raw.startswith(b"{") and b'"version": 1' in raw
+    assert Envelope.from_json(raw) == env
+
+
+def test_write_entry_then_list_and_remove(tmp_path):
+    files = SpoolFiles(tmp_path / "queue")
+    files.ensure()
+    env = _env()
+    files.write_entry(env, [b"Subject: x\n", b"\nbody\n"])
+    assert list(files.ids()) == [env.id]
+    assert files.read_data(env.id) == b"Subject: x\n\nbody\n"
+    assert list(files.tmp.iterdir()) == []
+    assert files.remove(env.id)
+    assert list(files.ids()) == [] and not files.remove(env.id)
+
+
+def test_save_after_delete_does_not_resurrect(tmp_path):
+    files = SpoolFiles(tmp_path)
+    files.ensure()
+    env = _env()
+    files.write_entry(env, [b"x\n"])
+    files.remove(env.id)
+    assert files.save_envelope(env) is False
+    assert list(files.ids()) == []
+
+
+def test_orphans_are_cleaned(tmp_path):
+    files = SpoolFiles(tmp_path)
+    files.ensure()
+    (files.tmp / "half.tmp").write_bytes(b"x")
+    files.data_path("A" * 16).write_bytes(b"no envelope")
+    removed = files.clean_orphans()
+    assert sorted(removed) == sorted(["half.tmp", "A" * 16 + ".msg"])
+
+
+def test_control_requests(tmp_path):
+    files = SpoolFiles(tmp_path)
+    qid = new_queue_id()
+    files.request("flush", "ALL")
+    files.request("bounce", qid)
+    assert sorted(files.take_requests()) == [("bounce", qid), ("flush", "ALL")]
+    assert files.take_requests() == []
+
+
+def test_queue_ids():
+    assert valid_queue_id(new_queue_id())
+    assert not valid_queue_id("../../etc/passwd")
+
+
+def test_retry_schedule_grows_and_caps():
+    schedule = (300, 600, 1200, 2400, 4800, 9600, 14400)
+    assert [retry_delay(schedule, n) for n in (1, 2, 3, 7, 8, 50)] == [
+        300, 600, 1200, 14400, 14400, 14400]
