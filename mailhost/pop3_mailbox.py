@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -61,6 +62,34 @@ class SessionLocks:
 #: the process-wide registry, keyed by the Maildir root's absolute path
 LOCKS = SessionLocks()
 
+#: recently used indexes kept alive between sessions, so that a client polling every few
+#: minutes gets a stamp check instead of a re-read of the uidlist and a full rescan
+_RECENT: OrderedDict[str, FolderIndex] = OrderedDict()
+_RECENT_MAX = 64
+_recent_lock = threading.Lock()
+
+
+def _shared_index(root: Path) -> FolderIndex:
+    index = FolderIndex.open(root)
+    with _recent_lock:
+        _RECENT[str(index.folder)] = index
+        _RECENT.move_to_end(str(index.folder))
+        while len(_RECENT) > _RECENT_MAX:
+            _RECENT.popitem(last=False)
+    return index
+
+
+def wire_size(entry: MessageEntry) -> int:
+    """The `,W=` size from the file name (fast path), else the store's computation."""
+    base = entry.base
+    at = base.rfind(",W=")
+    if at >= 0:
+        end = base.find(",", at + 3)
+        digits = base[at + 3:] if end < 0 else base[at + 3:end]
+        if digits.isdigit():
+            return int(digits)
+    return entry.wire_size
+
 
 @implementer(IMailbox)
 class MaildirMaildrop:
@@ -97,13 +126,13 @@ class MaildirMaildrop:
         return self._in_thread(self._open_sync)
 
     def _open_sync(self) -> int:
-        index = FolderIndex.open(self.root)
+        index = _shared_index(self.root)
         index.sync()
         entries = index.messages()
         sizes = []
         for entry in entries:
             try:
-                sizes.append(entry.wire_size)
+                sizes.append(wire_size(entry))
             except OSError:  # vanished since the scan: keep numbering, size unknown
                 sizes.append(0)
         self.index, self.entries, self.sizes = index, entries, sizes
