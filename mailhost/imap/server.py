@@ -98,11 +98,13 @@ class IMAPServer(protocol.Protocol, MailboxCommands, SelectedCommands):
             self.transport.loseConnection()
             return
         self._counted = True
+        self.factory.open.add(self)
         self._reset_timeout()
         self.send(b"* OK [CAPABILITY " + self.capabilities() + b"] mailhost IMAP4rev1 ready")
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 - Twisted API
         self._closed = True
+        self.factory.open.discard(self)
         if self._counted:
             self.ctx.connections.release(self.ip)
             self._counted = False
@@ -423,6 +425,8 @@ class IMAPServer(protocol.Protocol, MailboxCommands, SelectedCommands):
         self.send(tag + b" OK LOGOUT completed")
         self.deselect()
         self._closed = True
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
         self.transport.loseConnection()
         raise _Silent()
 
@@ -579,6 +583,8 @@ class IMAPFactory(protocol.ServerFactory):
     def __init__(self, ctx: Any, role: str) -> None:
         self.ctx = ctx
         self.role = role
+        #: sessions currently connected (for shutdown and tests)
+        self.open: set[IMAPServer] = set()
         # shared by the imap and imaps listeners of one server
         self.sessions: Counter[str] = _SESSIONS.setdefault(id(ctx.accounts), Counter())
         ctx.realm.register(IIMAPAccount, lambda key, mind: IMAPAccount(
