@@ -155,6 +155,8 @@ class Scheduler:
             self._spawn(self._delay_notice(env))
         if self._needs_report(env) and now >= self._report_after.get(env.id, 0.0):
             self._spawn(self._report(env))
+        elif env.finished() and not busy:
+            self._spawn(self._maybe_remove(env))  # e.g. a crash just before removal
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         self._active += 1

@@ -104,6 +104,14 @@ class OutboundQueue(service.Service):
     async def send_notice(self, to: str, message: bytes, kind: str) -> None:
         """Store a report locally or queue it, with the null sender (RFC 3464 §2)."""
         mailboxes = await defer.maybeDeferred(self.route_local, to)
+        if mailboxes is not None and not mailboxes and kind == "dsn":
+            # a local domain without that mailbox: the report goes to postmaster instead
+            to, kind = self.scheduler.postmaster, "postmaster"
+            mailboxes = await defer.maybeDeferred(self.route_local, to)
+        if mailboxes is not None and not mailboxes:
+            log.warn("report to <{to}> dropped: no such local mailbox",
+                     event="queue.dsn_dropped", to=to)
+            return
         if mailboxes:
             writer = self.store.open_delivery(list(mailboxes))
         else:

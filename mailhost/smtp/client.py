@@ -290,8 +290,8 @@ async def _secure_and_auth(proto: SMTPReplyProtocol, txn: Transaction,
         user, password = txn.auth
         token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
         reply = await proto.command(f"AUTH PLAIN {token}")  # RFC 4954 §4, RFC 4616
-        if reply.code != 235:
-            raise HostFailure(reply)
+        if reply.code != 235:  # a local configuration problem: defer, never bounce
+            raise HostFailure(local_reply(454, "4.7.0", f"authentication failed: {reply}"))
     return ext
 
 

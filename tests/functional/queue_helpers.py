@@ -3,6 +3,7 @@ fake remote SMTP servers with scripted behaviour, and in-memory store / route fa
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,11 @@ class Behaviour:
     #: never answer the end of data
     slow: bool = False
     extensions: tuple[str, ...] = ("PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE 100000000")
+    #: a server TLS context: STARTTLS is offered (or, with `implicit`, TLS on connect)
     tls_context: Any = None
+    implicit: bool = False
+    #: (user, password) accepted by AUTH PLAIN; AUTH is offered when set
+    auth: tuple[str, str] | None = None
 
 
 class FakeSMTP(LineReceiver):
@@ -121,8 +126,10 @@ class FakeSMTP(LineReceiver):
         self.fake.commands.append(cmd)
         if verb == "EHLO":
             ext = list(self.b.extensions)
-            if self.b.tls_context is not None and not self.tls:
+            if self.b.tls_context is not None and not self.tls and not self.b.implicit:
                 ext.append("STARTTLS")
+            if self.b.auth is not None:
+                ext.append("AUTH PLAIN")
             self.reply("\r\n".join(["250-fake.test"] + [f"250-{e}" for e in ext[:-1]]
                                    + [f"250 {ext[-1]}"]) if ext else "250 fake.test")
         elif verb == "HELO":
@@ -131,7 +138,15 @@ class FakeSMTP(LineReceiver):
             self.reply("220 2.0.0 go ahead")
             self.transport.startTLS(self.b.tls_context)
             self.tls = True
+        elif verb == "AUTH":
+            user, password = self.b.auth or ("", "")
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            if cmd.split()[1:] == ["PLAIN", token]:
+                self.fake.authenticated.append(user)
+                return self.reply("235 2.7.0 authenticated")
+            self.reply("535 5.7.8 bad credentials")
         elif verb == "MAIL":
+            self.fake.mail_commands.append(cmd)
             self.fake.transactions += 1
             if self.fake.transactions <= self.b.tempfail_first:
                 return self.reply("451 4.3.0 try again later")
@@ -165,7 +180,8 @@ class FakeSMTP(LineReceiver):
             data = b"".join(ln + b"\n" for ln in self.lines)
             if self.b.slow:
                 return
-            self.fake.received.append(Received(self.sender, self.rcpts, data, self.tls))
+            tls = self.tls or self.b.implicit
+            self.fake.received.append(Received(self.sender, self.rcpts, data, tls))
             self.reply("250 2.0.0 queued as FAKE")
             return
         self.lines.append(line[1:] if line.startswith(b".") else line)  # RFC 5321 §4.5.2
@@ -179,10 +195,16 @@ class FakeServer:
         self.behaviour = behaviour or Behaviour()
         self.received: list[Received] = []
         self.commands: list[str] = []
+        self.mail_commands: list[str] = []
+        self.authenticated: list[str] = []
         self.connections = 0
         self.transactions = 0
         factory = Factory.forProtocol(lambda: FakeSMTP(self))
-        self.listener = reactor.listenTCP(port, factory, interface=interface)
+        if self.behaviour.implicit:
+            self.listener = reactor.listenSSL(port, factory, self.behaviour.tls_context,
+                                              interface=interface)
+        else:
+            self.listener = reactor.listenTCP(port, factory, interface=interface)
         self.port = self.listener.getHost().port
 
     def stop(self) -> defer.Deferred:
@@ -245,6 +267,7 @@ class Harness:
         self.dns: DNSFixture | None = None
         self.queue: OutboundQueue | None = None
         self.port = 0
+        self.trust_root: Any = None
 
     def server(self, behaviour: Behaviour | None = None,
                interface: str = "127.0.0.1") -> FakeServer:
@@ -261,7 +284,8 @@ class Harness:
             f'dns_servers = ["127.0.0.1:{self.dns.address[1]}"]\n{queue}')
         self.queue = OutboundQueue(self.config, reactor, self.store,
                                    route or route_local_for(("example.org",)),
-                                   resolver=self.dns.resolver, clock=self.clock)
+                                   resolver=self.dns.resolver, clock=self.clock,
+                                   trust_root=self.trust_root)
         self.queue.startService()
         await self.queue.ready
         return self.queue
@@ -270,7 +294,8 @@ class Harness:
         await self.queue.stopService()
         self.queue = OutboundQueue(self.config, reactor, self.store,
                                    route or route_local_for(("example.org",)),
-                                   resolver=self.dns.resolver, clock=self.clock)
+                                   resolver=self.dns.resolver, clock=self.clock,
+                                   trust_root=self.trust_root)
         self.queue.startService()
         await self.queue.ready
         return self.queue
@@ -301,3 +326,14 @@ class Harness:
             await srv.stop()
         if self.dns is not None:
             await self.dns.stop()
+
+
+def tls_material(tmp_path: Path, hostname: str) -> tuple[Any, Any]:
+    """(server context, client trust root) for a self-signed certificate of `hostname`."""
+    from twisted.internet import ssl
+
+    from mailhost.tls import create_self_signed, load_options
+
+    cert, key = tmp_path / f"{hostname}.crt", tmp_path / f"{hostname}.key"
+    create_self_signed(cert, key, hostname)
+    return load_options(cert, key), ssl.Certificate.loadPEM(cert.read_bytes())

@@ -286,3 +286,33 @@ async def test_stop_waits_for_attempt_in_flight(h):
     await defer.succeed(None)
     await h.queue.stopService()
     assert h.on_disk() == [qid]
+
+
+@pytest_twisted.ensureDeferred
+async def test_report_for_unknown_local_sender_goes_to_postmaster(h):
+    h.server(Behaviour(rcpt={"bob@dest.test": "550 5.1.1 no"}))
+
+    def route(address):
+        if address == "postmaster@example.org":
+            return ["postmaster@example.org"]
+        return [] if address.endswith("@example.org") else None
+
+    await h.start({"dest.test": [a("127.0.0.1")]}, route=route)
+    await h.submit("ghost@example.org", ["bob@dest.test"])
+    await h.run()
+    assert list(h.store.delivered) == ["postmaster@example.org"]
+    assert h.on_disk() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_finished_entry_left_by_a_crash_is_removed_at_start(h):
+    srv = h.server()
+    await h.start({"dest.test": [a("127.0.0.1")]})
+    await h.queue.stopService()
+    from mailhost.queue.spool import Envelope, Recipient
+    env = Envelope(id="ABCDEF0123456789", sender="alice@example.org", created=0.0,
+                   recipients=[Recipient("bob@dest.test", status=DELIVERED)])
+    h.queue.spool.files.write_entry(env, [MESSAGE])
+    await h.restart()
+    await h.run()
+    assert h.on_disk() == [] and srv.connections == 0
