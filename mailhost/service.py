@@ -8,6 +8,7 @@ each protocol factory; nothing is imported globally (DESIGN.md: pass the world i
 from __future__ import annotations
 
 import signal
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -107,6 +108,8 @@ class ServerContext:
     policy: Any = None
     #: set while the server is shutting down: protocols refuse new transactions
     stopping: bool = False
+    #: every live connection's outermost protocol, closed at the end of shutdown
+    sessions: Any = attrs.field(factory=weakref.WeakSet)
 
 
 def build_context(config: Config, reactor: Any, clock: Any = None) -> ServerContext:
@@ -192,6 +195,10 @@ class MailhostService(service.MultiService):
                                              self.ctx.config.limits.shutdown_grace)
         if left:
             log.warn("stopping with {n} transaction(s) unfinished", n=left)
+        for protocol in list(self.ctx.sessions):
+            transport = getattr(protocol, "transport", None)
+            if transport is not None and getattr(transport, "connected", True):
+                transport.loseConnection()
         yield super().stopService()
         log.info("mailhost stopped")
 
@@ -217,6 +224,7 @@ def makeService(config: Config, reactor: Any = None, clock: Any = None,  # noqa:
             factory = _role_factory(ctx, role)
             if role in IMPLICIT_TLS_ROLES:
                 factory = TLSMemoryBIOFactory(ctx.tls, False, factory)
+            _track_sessions(factory, ctx.sessions)
             endpoint = endpoints.serverFromString(reactor, description)
             svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True
@@ -224,6 +232,19 @@ def makeService(config: Config, reactor: Any = None, clock: Any = None,  # noqa:
             svc.setServiceParent(top)
             top.listeners.setdefault(role, []).append(svc)
     return top
+
+
+def _track_sessions(factory: Any, sessions: Any) -> None:
+    """Record each protocol the factory builds, so shutdown can close what is left."""
+    build = factory.buildProtocol
+
+    def build_and_track(addr: Any) -> Any:
+        protocol = build(addr)
+        if protocol is not None:
+            sessions.add(protocol)
+        return protocol
+
+    factory.buildProtocol = build_and_track
 
 
 def _make_queue(ctx: ServerContext) -> Any:

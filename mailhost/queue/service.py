@@ -35,7 +35,8 @@ def make_resolver(config: Config, reactor: Any) -> Any:
         servers.append((host.strip("[]") if sep else entry, int(port or 53)))
     if servers:
         return client.Resolver(servers=servers, reactor=reactor)
-    return client.createResolver(reactor=reactor)
+    # the system resolver; createResolver() would use the global reactor
+    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
 
 
 def postmaster_address(config: Config) -> str:
