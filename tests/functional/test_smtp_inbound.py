@@ -240,6 +240,7 @@ def test_no_open_relay_from_ipv6_loopback(tmp_path):
             [msg] = messages(srv, "bob@example.org")
             assert b"([IPv6:::1])" in msg
     finally:
+        yield defer.ensureDeferred(settle(srv))
         yield srv.stop()
 
 
