@@ -50,7 +50,10 @@ class MailboxCommands:
         name = validate_name(name)
         index = self.account.index(name)
         folder = SelectedFolder(name, index, readonly, owner=self)
-        yield self.blocking(folder.open)
+        if len(index) > 2000 or index.uidnext == 1:
+            yield self.blocking(folder.open)  # may scan a big directory
+        else:
+            folder.open()
         if self._closed:
             folder.close()
             return ""

@@ -149,8 +149,10 @@ class SelectedCommands:
                         lambda es=entries: [_load(e, need) for _, e in es])
                 if mark_seen:
                     unseen = [e.uid for _, e in entries if "S" not in e.flags]
-                    if unseen:
+                    if len(unseen) > 50:
                         yield self.blocking(_add_seen, folder.index, unseen, self)
+                    elif unseen:
+                        _add_seen(folder.index, unseen, self)
                 if self._closed or self.selected is not folder:
                     return ""
                 for (pos, entry), part in zip(entries, parts, strict=True):
@@ -183,8 +185,11 @@ class SelectedCommands:
         letters, keywords = split_flags(flags)
         folder = self.selected
         targets = [folder.uids[p] for p in positions]
-        changed = yield self.blocking(_store_flags, folder.index, targets, mode, letters,
-                                      keywords, self)
+        if keywords or len(targets) > 50:  # keyword records are fsynced: off the reactor
+            changed = yield self.blocking(_store_flags, folder.index, targets, mode, letters,
+                                          keywords, self)
+        else:  # renames only: cheap metadata work
+            changed = _store_flags(folder.index, targets, mode, letters, keywords, self)
         if keywords - folder.keywords:
             folder.keywords |= keywords
             self.send(b"* FLAGS " + format_flags(folder.flag_names()))
