@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
 
 
-@pytest.fixture(autouse=True)
-def _clean_reactor():
-    """Fail a test that leaves DelayedCalls behind (pytest-twisted does not check)."""
+@pytest_twisted.async_yield_fixture(autouse=True)
+async def _clean_reactor():
+    """Fail a test that leaves DelayedCalls behind (pytest-twisted does not check).
+
+    Connections closed at the end of a test finish closing in the next reactor turns, so
+    the check runs after letting the reactor spin briefly.
+    """
     yield
-    from twisted.internet import reactor
-
+    for _ in range(5):
+        await task.deferLater(reactor, 0.02, lambda: None)
     leftover = [c for c in reactor.getDelayedCalls()
-                if c.active() and "threadpool" not in repr(c.func).lower()
-                and "_shutdown" not in repr(c.func)]
+                if c.active() and "threadpool" not in repr(c.func).lower()]
     for call in leftover:
         call.cancel()
-    assert not leftover, f"test left delayed calls behind: {leftover}"
+    assert not leftover, f"test left delayed calls behind: {[(c, c.func, c.args) for c in leftover]}"
