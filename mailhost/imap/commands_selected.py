@@ -32,6 +32,8 @@ from mailhost.imap.wire import (
 )
 
 FETCH_BATCH = 250
+#: bytes of message files read on the reactor thread at most (larger: worker thread)
+SMALL_READ = 262144
 IDLE_POLL = 0.5
 _SEQ_CHARS = frozenset(b"0123456789:*,")
 
@@ -43,6 +45,13 @@ def _load(entry: Any, need: int) -> Part | None:
     except FileNotFoundError:
         return None
     return Part(data)
+
+
+def _size(entry: Any) -> int:
+    try:
+        return entry.size
+    except OSError:
+        return 0
 
 
 class SelectedCommands:
@@ -144,7 +153,10 @@ class SelectedCommands:
                 entries = [(p, folder.index.get(folder.uids[p])) for p in batch]
                 entries = [(p, e) for p, e in entries if e is not None]
                 parts: list[Any] = [None] * len(entries)
-                if need != NEED_NONE:
+                if need != NEED_NONE and len(entries) <= 4 and \
+                        sum(_size(e) for _, e in entries) < SMALL_READ:
+                    parts = [_load(e, need) for _, e in entries]  # a few small files
+                elif need != NEED_NONE:
                     parts = yield self.blocking(
                         lambda es=entries: [_load(e, need) for _, e in es])
                 if mark_seen:

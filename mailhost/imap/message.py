@@ -219,6 +219,9 @@ class Part:
                 return b'("CHARSET" "US-ASCII")'
             return b"NIL"
         params = self.msg.get_params(header=header, failobj=[])[1:]
+        if header == "content-type" and self.maintype == "text" and \
+                not any(k.lower() == "charset" for k, _ in params):
+            params = [("charset", "US-ASCII"), *params]  # RFC 2045 §5.2 default
         if not params:
             return b"NIL"
         out = []

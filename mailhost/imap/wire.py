@@ -8,6 +8,7 @@ grammar; any violation raises `BadCommand` (answered `BAD` with the reason).
 from __future__ import annotations
 
 import calendar
+import datetime
 import re
 import time
 from bisect import bisect_left, bisect_right
@@ -308,7 +309,12 @@ def parse_date(text: str) -> tuple[int, int, int]:
     month = m and m.group(2).capitalize()
     if not m or month not in MONTHS:
         raise BadCommand("invalid date")
-    return int(m.group(3)), MONTHS.index(month) + 1, int(m.group(1))
+    ymd = int(m.group(3)), MONTHS.index(month) + 1, int(m.group(1))
+    try:
+        datetime.date(*ymd)
+    except ValueError as e:
+        raise BadCommand("invalid date") from e
+    return ymd
 
 
 def parse_datetime(text: str) -> float:
@@ -318,9 +324,10 @@ def parse_datetime(text: str) -> float:
     if not m or month not in MONTHS:
         raise BadCommand("invalid date-time")
     try:
-        secs = calendar.timegm((int(m.group(3)), MONTHS.index(month) + 1,
-                                int(m.group(1).strip()), int(m.group(4)), int(m.group(5)),
-                                int(m.group(6)), 0, 0, 0))
+        fields = (int(m.group(3)), MONTHS.index(month) + 1, int(m.group(1).strip()),
+                  int(m.group(4)), int(m.group(5)), int(m.group(6)))
+        datetime.datetime(*fields)
+        secs = calendar.timegm(fields + (0, 0, 0))
     except (ValueError, OverflowError) as e:
         raise BadCommand("invalid date-time") from e
     offset = (int(m.group(8)) * 3600 + int(m.group(9)) * 60) * (1 if m.group(7) == "+" else -1)
