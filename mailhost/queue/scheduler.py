@@ -10,6 +10,7 @@ reported. A crash can therefore repeat at most the one transaction that was in f
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -59,6 +60,7 @@ class Scheduler:
         self._global = defer.DeferredSemaphore(config.concurrency)
         self._per_dest: dict[str, defer.DeferredSemaphore] = {}
         self._timer: IDelayedCall | None = None
+        self._wakeups: list[tuple[float, str]] = []
         self._scan: task.LoopingCall | None = None
         self._active = 0
         self._idle: list[defer.Deferred[None]] = []
@@ -70,6 +72,7 @@ class Scheduler:
         self.running = True
         for env in envelopes:
             self.entries[env.id] = env
+            self._wake(env)
         self._scan = task.LoopingCall(self.scan)
         self._scan.clock = self.clock
         self._scan.start(self.config.scan_interval, now=False).addErrback(
@@ -99,26 +102,36 @@ class Scheduler:
         log.info("queued {queue_id} from=<{sender}> to={recipients} size={size}",
                  event="queue.enqueued", queue_id=env.id, sender=env.sender,
                  recipients=[r.address for r in env.recipients], size=env.size)
+        self._wake(env)
         self.schedule()
 
     # -- timing ----------------------------------------------------------------------
 
-    def _next_due(self) -> float | None:
-        times = []
-        for env in self.entries.values():
-            busy = self._busy.get(env.id, set())
-            times.extend(r.next_attempt for r in env.pending() if r.address not in busy)
-            if self._needs_report(env):
-                times.append(self._report_after.get(env.id, 0.0))
-            if self._wants_delay_notice(env):
-                times.append(env.created + self.config.delay_warning)
+    def _entry_due(self, env: Envelope) -> float | None:
+        """When this entry next needs attention (an attempt, a report, a notice)."""
+        busy = self._busy.get(env.id, set())
+        times = [r.next_attempt for r in env.pending() if r.address not in busy]
+        if self._needs_report(env):
+            times.append(self._report_after.get(env.id, 0.0))
+        if self._wants_delay_notice(env):
+            times.append(env.created + self.config.delay_warning)
+        if not times and env.finished() and not busy:
+            times.append(0.0)
         return min(times) if times else None
+
+    def _wake(self, env: Envelope) -> None:
+        """Remember when to look at `env` again (a heap: no scan of every entry)."""
+        due = self._entry_due(env)
+        if due is not None:
+            heapq.heappush(self._wakeups, (due, env.id))
 
     def schedule(self) -> None:
         """(Re)arm the timer for the earliest thing to do."""
         if not self.running:
             return
-        due = self._next_due()
+        while self._wakeups and self._wakeups[0][1] not in self.entries:
+            heapq.heappop(self._wakeups)
+        due = self._wakeups[0][0] if self._wakeups else None
         if self._timer is not None and self._timer.active():
             if due is not None and self._timer.getTime() <= due:
                 return
@@ -130,7 +143,16 @@ class Scheduler:
 
     def _fire(self) -> None:
         self._timer = None
-        self.run_due()
+        now = self.clock.seconds()
+        due: dict[str, None] = {}
+        while self._wakeups and self._wakeups[0][0] <= now:
+            due[heapq.heappop(self._wakeups)[1]] = None
+        for qid in due:
+            env = self.entries.get(qid)
+            if env is not None and self.running:
+                self._start_due(env, now)
+                self._wake(env)
+        self.schedule()
 
     def run_due(self) -> defer.Deferred[None]:
         """Start everything that is due now; fires when all work in flight is done."""
@@ -138,6 +160,7 @@ class Scheduler:
             now = self.clock.seconds()
             for env in list(self.entries.values()):
                 self._start_due(env, now)
+                self._wake(env)
             self.schedule()
         return self.wait_idle()
 
@@ -149,22 +172,24 @@ class Scheduler:
                 groups.setdefault(self.relay.destination(r.address), []).append(r)
         for dest, rcpts in groups.items():
             busy.update(r.address for r in rcpts)
-            self._spawn(self._attempt(env, dest, rcpts))
+            self._spawn(self._attempt(env, dest, rcpts), env)
         if self._wants_delay_notice(env) and now >= env.created + self.config.delay_warning:
             env.delay_warned = True  # at most one notice, even if sending it fails
-            self._spawn(self._delay_notice(env))
+            self._spawn(self._delay_notice(env), env)
         if self._needs_report(env) and now >= self._report_after.get(env.id, 0.0):
-            self._spawn(self._report(env))
+            self._spawn(self._report(env), env)
         elif env.finished() and not busy:
-            self._spawn(self._maybe_remove(env))  # e.g. a crash just before removal
+            self._spawn(self._maybe_remove(env), env)  # e.g. a crash before removal
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any], env: Envelope) -> None:
         self._active += 1
         d = defer.ensureDeferred(coro)  # type: ignore[arg-type]
         d.addErrback(lambda f: log.failure("queue job failed", f))
 
         def done(_: Any) -> None:
             self._active -= 1
+            if env.id in self.entries:
+                self._wake(env)
             self.schedule()
             if self._active == 0:
                 waiters, self._idle = self._idle, []
@@ -206,7 +231,8 @@ class Scheduler:
         self._busy.get(env.id, set()).difference_update(r.address for r in rcpts)
         if env.id in self._bounce_requested:
             self._fail_pending(env, "bounced by the administrator")
-        await self._save(env)
+        if not (env.finished() and not self._busy.get(env.id)):
+            await self._save(env)  # a finished entry is removed instead (one fsync less)
         await self._after_change(env)
 
     async def _deliver(self, env: Envelope, dest: str,
@@ -400,6 +426,7 @@ class Scheduler:
         for r in env.pending():
             r.next_attempt = min(r.next_attempt, now)
         self._report_after.pop(env.id, None)
+        self._wake(env)
 
 
 class _Deleted(Exception):

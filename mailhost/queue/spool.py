@@ -171,6 +171,8 @@ class SpoolFiles:
 
     def write_entry(self, env: Envelope, chunks: list[bytes]) -> None:
         """Commit a new entry: data first, then the envelope (the commit point)."""
+        if not self.tmp.is_dir():
+            self.ensure()
         write_atomic(self.tmp, self.data_path(env.id), chunks, sync_dir=False)
         write_atomic(self.tmp, self.envelope_path(env.id), env.to_json())
 
