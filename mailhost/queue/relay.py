@@ -156,6 +156,7 @@ class Relay:
         self.mx = MXResolver(resolver, rng)
         self.trust_root = trust_root
         self.require_tls = {d.lower() for d in config.require_tls}
+        self._contexts: dict[tuple[str, bool], Any] = {}
 
     def destination(self, recipient: str) -> str:
         """The key recipients are grouped and limited by: the domain or the smarthost."""
@@ -183,10 +184,19 @@ class Relay:
         return [Target(h, cfg.remote_port, mode) for h in hosts]
 
     def _context(self, target: Target) -> Any:
-        if target.tls in ("verified", "implicit") or (
-                target.tls == "required" and self.config.smarthost):
-            return ssl.optionsForClientTLS(target.host, trustRoot=self.trust_root)
-        return ssl.CertificateOptions()  # opportunistic: encrypt, do not verify
+        """Client TLS options, built once per (host, mode) and reused."""
+        if target.tls == "none":
+            return None
+        verify = target.tls in ("verified", "implicit") or (
+            target.tls == "required" and bool(self.config.smarthost))
+        key = (target.host if verify else "", verify)
+        if key not in self._contexts:
+            if len(self._contexts) > 1000:
+                self._contexts.clear()
+            self._contexts[key] = (
+                ssl.optionsForClientTLS(target.host, trustRoot=self.trust_root) if verify
+                else ssl.CertificateOptions())  # opportunistic: encrypt, do not verify
+        return self._contexts[key]
 
     async def _connect(self, target: Target, ip: str) -> SMTPReplyProtocol:
         cls = endpoints.TCP6ClientEndpoint if ":" in ip else endpoints.TCP4ClientEndpoint
