@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import attrs
@@ -23,6 +25,29 @@ from mailhost.store.maildir import make_maildir
 
 DELIMITER = "."
 MAX_NAME = 512
+
+
+#: recently used indexes stay loaded between sessions (FolderIndex.open shares only
+#: live ones); re-reading a 100,000-message uidlist and directory costs seconds
+_RECENT: OrderedDict[str, FolderIndex] = OrderedDict()
+_RECENT_MAX = 128
+_recent_lock = threading.Lock()
+
+
+def _keep(index: FolderIndex) -> FolderIndex:
+    key = str(index.folder)
+    with _recent_lock:
+        _RECENT[key] = index
+        _RECENT.move_to_end(key)
+        while len(_RECENT) > _RECENT_MAX:
+            _RECENT.popitem(last=False)
+    return index
+
+
+def _forget(path: Path) -> None:
+    FolderIndex.forget(path)
+    with _recent_lock:
+        _RECENT.pop(os.path.abspath(path), None)
 
 
 class IIMAPAccount(Interface):
@@ -106,7 +131,7 @@ class IMAPAccount:
         """The shared index of an existing folder (CommandFailed [NONEXISTENT] if not)."""
         if not self.exists(name):
             raise CommandFailed("no such mailbox", "NONEXISTENT")
-        return FolderIndex.open(self.path(name))
+        return _keep(FolderIndex.open(self.path(name)))
 
     def special_use(self, name: str) -> str | None:
         return SPECIAL_USE.get(name)
@@ -171,7 +196,7 @@ class IMAPAccount:
         # move aside first so a half-finished delete never looks like a folder
         doomed = self.root / "tmp" / f"deleted{os.getpid()}{id(path)}{name[:40]}"
         os.rename(path, doomed)
-        FolderIndex.forget(path)
+        _forget(path)
         shutil.rmtree(doomed, ignore_errors=True)
         self.unsubscribe(name)
 
@@ -195,7 +220,7 @@ class IMAPAccount:
         for name in sorted(moving, key=len):
             target = new + name[len(old):]
             os.rename(self.root / f".{name}", self.root / f".{target}")
-            FolderIndex.forget(self.root / f".{name}")
+            _forget(self.root / f".{name}")
         subs = self.subscriptions()
         changed = [s for s in subs if s == old or s.startswith(old + DELIMITER)]
         if changed:

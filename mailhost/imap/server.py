@@ -179,6 +179,9 @@ class IMAPServer(protocol.Protocol, MailboxCommands, SelectedCommands):
                     self._end_literal()
                 continue
             end = self._buf.find(b"\n")
+            if end < 0 and self._discard_line:
+                self._buf = b""
+                return
             if end < 0:
                 if len(self._buf) > self.limits.imap_command_length:
                     self._line_too_long()
@@ -202,8 +205,9 @@ class IMAPServer(protocol.Protocol, MailboxCommands, SelectedCommands):
     def _line_too_long(self, consumed: bool = False) -> None:
         """Answer BAD, drop the partial command and the rest of the line."""
         self.send(b"* BAD command line too long")
-        self._buf = b""
-        self._discard_line = not consumed
+        if not consumed:
+            self._buf = b""
+            self._discard_line = True
         self._reset_command()
 
     def _reset_command(self) -> None:
@@ -353,6 +357,8 @@ class IMAPServer(protocol.Protocol, MailboxCommands, SelectedCommands):
         return self.state == state
 
     def _wrong_state(self, state: str) -> bytes:
+        if self.state == NOTAUTH and state != NOTAUTH:
+            return b"log in first"
         return {NOTAUTH: b"already authenticated", AUTH: b"log in first",
                 SELECTED: b"no mailbox selected"}[state]
 
