@@ -31,6 +31,13 @@ class MemoryAuthority(authority.FileAuthority):
         self.records = {zone.encode(): [soa]}
         for name, recs in records.items():
             self.records.setdefault(name.lower().encode(), []).extend(recs)
+        #: names answered with SERVFAIL (a temporary DNS failure)
+        self.servfail: set[bytes] = set()
+
+    def _lookup(self, name, cls, type, timeout=None):  # noqa: A002 - Twisted's signature
+        if name.lower() in self.servfail:
+            return defer.fail(RuntimeError("simulated server failure"))
+        return super()._lookup(name, cls, type, timeout)
 
 
 class DNSFixture:

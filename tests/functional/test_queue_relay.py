@@ -316,3 +316,25 @@ async def test_finished_entry_left_by_a_crash_is_removed_at_start(h):
     await h.restart()
     await h.run()
     assert h.on_disk() == [] and srv.connections == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_nonexistent_domain_fails_permanently(h):
+    await h.start({"dest.test": [a("127.0.0.1")]})
+    await h.submit("alice@example.org", ["bob@nope.test"])
+    await h.run()
+    [report] = h.store.delivered["alice@example.org"]
+    _, blocks = dsn_parts(report)
+    assert blocks[1]["Status"] == "5.1.2"
+    assert h.on_disk() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_dns_failure_is_temporary(h):
+    await h.start({"dest.test": [a("127.0.0.1")]})
+    h.dns.authority.servfail.add(b"dest.test")
+    qid = await h.submit("alice@example.org", ["bob@dest.test"])
+    await h.run()
+    rcpt = h.envelope(qid).recipients[0]
+    assert rcpt.status == PENDING and rcpt.last_reply.startswith("451 4.4.3")
+    assert h.store.delivered == {}
