@@ -412,17 +412,19 @@ class CommandsMixin:
             seconds=self.ctx.clock.seconds(), tls=self.tls_info if self.tls_active else None,
             hide_ip=self.account is not None and self.ctx.config.submission.hide_client_ip)
         sink = MessageSink(self.ctx, env)
-        try:
-            sink.open(return_path(env.sender_text) + b"\n" + received + b"\n",
+        extra = self._submission_headers if self.account is not None else None
+        self.stream = MessageStream(sink, self.limits.message_size, extra)
+        d = sink.open(return_path(env.sender_text) + b"\n" + received + b"\n",
                       received + b"\n")
-        except Exception:  # noqa: BLE001 - full disk, bad permissions: 451, not a traceback
-            log.failure("smtp session {session}: cannot open delivery",
+        self.await_result(d, self._data_ready)
+
+    def _data_ready(self, result: Any) -> None:
+        if isinstance(result, Failure):  # full disk, bad permissions: 451, no traceback
+            log.failure("smtp session {session}: cannot open delivery", result,
                         session=self.session_id)
             self.reset_transaction()
             self.reply(451, "4.3.0", "Error: cannot store the message, try again later")
             return
-        extra = self._submission_headers if self.account is not None else None
-        self.stream = MessageStream(sink, self.limits.message_size, extra)
         self.mode = smtp.DATA
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 

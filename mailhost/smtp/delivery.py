@@ -60,14 +60,16 @@ class MessageSink:
         self.envelope = envelope
         self.store_writer: Any = None
         self.queue_writer: Any = None
+        self.aborted = False
 
-    def open(self, store_prefix: bytes, queue_prefix: bytes) -> None:
-        """Open the writers and write the trace headers; raises on failure."""
+    def open(self, store_prefix: bytes, queue_prefix: bytes) -> defer.Deferred:
+        """Open the writers and write the trace headers; Deferred, fails on error.
+
+        Creating a file in tmp/ can wait for the file system journal while other
+        messages are being fsynced, so the store writer is opened in the thread pool.
+        """
         env = self.envelope
         try:
-            if env.mailboxes:
-                self.store_writer = self.ctx.store.open_delivery(list(env.mailboxes))
-                self.store_writer.write(store_prefix)
             if env.forward:
                 params = {"body": env.body, "ret": None, "envid": None}
                 self.queue_writer = self.ctx.queue.open_entry(
@@ -75,7 +77,36 @@ class MessageSink:
                 self.queue_writer.write(queue_prefix)
         except Exception:
             self.abort()
-            raise
+            return defer.fail()
+        if not env.mailboxes:
+            return defer.succeed(None)
+
+        def open_store() -> Any:
+            writer = self.ctx.store.open_delivery(list(env.mailboxes))
+            try:
+                writer.write(store_prefix)
+            except Exception:
+                writer.abort()
+                raise
+            return writer
+
+        reactor = self.ctx.reactor
+        if reactor is not None and hasattr(reactor, "getThreadPool"):
+            d = threads.deferToThreadPool(reactor, reactor.getThreadPool(), open_store)
+        else:
+            d = defer.maybeDeferred(open_store)
+
+        def opened(writer: Any) -> None:
+            if self.aborted:  # the session ended meanwhile
+                writer.abort()
+            else:
+                self.store_writer = writer
+
+        def failed(failure: Any) -> Any:
+            self.abort()
+            return failure
+
+        return d.addCallbacks(opened, failed)
 
     def write(self, data: bytes) -> None:
         if self.store_writer is not None:
@@ -84,6 +115,7 @@ class MessageSink:
             self.queue_writer.write(data)
 
     def abort(self) -> None:
+        self.aborted = True
         for writer in (self.store_writer, self.queue_writer):
             if writer is not None:
                 try:
