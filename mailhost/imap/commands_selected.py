@@ -147,6 +147,7 @@ class SelectedCommands:
         if mark_seen and not any(i.name == "FLAGS" for i in items):
             items.append(FetchItem("FLAGS"))
         producer = _Throttle(self.transport)
+        flag_cache: dict[tuple, bytes] = {}
         try:
             for start in range(0, len(positions), FETCH_BATCH):
                 batch = positions[start:start + FETCH_BATCH]
@@ -167,12 +168,18 @@ class SelectedCommands:
                         _add_seen(folder.index, unseen, self)
                 if self._closed or self.selected is not folder:
                     return ""
+                out = []
                 for (pos, entry), part in zip(entries, parts, strict=True):
                     if need != NEED_NONE and part is None:
                         continue
-                    flags = format_flags(entry_flags(entry, entry.uid in folder.recent))
+                    recent = entry.uid in folder.recent
+                    key = (entry.flags, entry.keywords, recent)
+                    flags = flag_cache.get(key)
+                    if flags is None:
+                        flags = flag_cache[key] = format_flags(entry_flags(entry, recent))
                     body = b" ".join(render(i, entry, part, flags) for i in items)
-                    self.transport.write(b"* %d FETCH (" % (pos + 1) + body + b")\r\n")
+                    out.append(b"* %d FETCH (" % (pos + 1) + body + b")\r\n")
+                self.transport.write(b"".join(out))
                 if start + FETCH_BATCH < len(positions):
                     yield producer.wait(self.ctx.clock)
         finally:

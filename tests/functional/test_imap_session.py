@@ -428,3 +428,37 @@ def _sleep(seconds):
 
 def test_ssl_module_available():
     assert ssl.HAS_SNI
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_woken_by_smtp_delivery(tmp_path):
+    import smtplib
+
+    srv = await start_server(tmp_path, roles=("smtp", "imaps"))
+    srv.add_user(USER, PASSWORD)
+    try:
+        def idle():
+            m = connect_ssl(srv)
+            check(m.select("INBOX"))
+            tag = m._new_tag()
+            m.send(tag + b" IDLE\r\n")
+            assert m.readline().startswith(b"+")
+            m.sock.settimeout(30)
+            ready.append(True)
+            line = m.readline()
+            m.send(b"DONE\r\n")
+            m.logout()
+            return line
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=30) as s:
+                s.sendmail("bob@example.net", [USER], plain("via smtp"))
+
+        ready: list = []
+        result = in_thread(idle)
+        while not ready:
+            await _sleep(0.05)
+        await in_thread(send)
+        assert (await result).strip() == b"* 1 EXISTS"
+    finally:
+        await stop(srv)
