@@ -133,6 +133,14 @@ class IMAPAccount:
             raise CommandFailed("no such mailbox", "NONEXISTENT")
         return _keep(FolderIndex.open(self.path(name)))
 
+    def loaded_index(self, name: str) -> FolderIndex | None:
+        """The index of an existing folder if it is already in memory, else None."""
+        if not self.exists(name):
+            raise CommandFailed("no such mailbox", "NONEXISTENT")
+        with _recent_lock:
+            index = _RECENT.get(os.path.abspath(self.path(name)))
+        return _keep(index) if index is not None else None
+
     def special_use(self, name: str) -> str | None:
         return SPECIAL_USE.get(name)
 

@@ -48,7 +48,7 @@ class MailboxCommands:
         args.end()
         self.deselect()
         name = validate_name(name)
-        index = self.account.index(name)
+        index = yield self.open_index(name)
         folder = SelectedFolder(name, index, readonly, owner=self)
         if len(index) > 2000 or index.uidnext == 1:
             yield self.blocking(folder.open)  # may scan a big directory
@@ -204,7 +204,7 @@ class MailboxCommands:
         args.end()
         if not items or any(i not in _STATUS_ITEMS for i in items):
             raise BadCommand("unknown STATUS item")
-        index = self.account.index(name)
+        index = yield self.open_index(name)
         yield self.blocking(index.sync)
         entries = index.messages()
         selected = self.selected if self.selected and self.selected.name == name else None
@@ -249,7 +249,7 @@ class MailboxCommands:
             raise BadCommand("invalid flag " + bad[0][:40])
         if not self.account.exists(name):
             raise CommandFailed("no such mailbox", "TRYCREATE")
-        index = self.account.index(name)
+        index = yield self.open_index(name)
         letters, keywords = split_flags(flags)
         entry = yield self.blocking(_store_appended, index, lit.path, letters, keywords,
                                     date, self)

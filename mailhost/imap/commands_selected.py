@@ -238,7 +238,7 @@ class SelectedCommands:
         if not self.account.exists(name):
             raise CommandFailed("no such mailbox", "TRYCREATE")
         folder = self.selected
-        target = self.account.index(name)
+        target = yield self.open_index(name)
         sources = [folder.uids[p] for p in positions]
         pairs = yield self.blocking(_copy_messages, folder.index, target, sources, self)
         if not pairs:

@@ -34,6 +34,7 @@ from mailhost.imap.wire import (
     CommandFailed,
     Literal,
 )
+from mailhost.store.maildir import unique_name
 
 log = Logger(namespace="mailhost.imap")
 
@@ -255,7 +256,7 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
         if not plus:
             self.send(b"+ ready for literal data")
         if message and self.account is not None:
-            path = self.account.index("INBOX").tmp_path()
+            path = self.account.root / "tmp" / unique_name()
             sink = open(path, "xb", buffering=65536)  # noqa: SIM115 - closed at the end
             self._literal = Literal(size, path=path)
         else:
@@ -403,6 +404,13 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
         if pool is None:
             return defer.maybeDeferred(fn, *args)
         return threads.deferToThreadPool(self.ctx.reactor, pool(), fn, *args)
+
+    def open_index(self, name: str) -> defer.Deferred:
+        """The shared index of a folder; loading a big one from disk runs in a thread."""
+        index = self.account.loaded_index(name)
+        if index is not None:
+            return defer.succeed(index)
+        return self.blocking(self.account.index, name)
 
     def in_reactor(self, fn: Any, *args: Any) -> None:
         """Call fn on the reactor thread (listeners may fire in worker threads)."""
