@@ -200,6 +200,10 @@ class MailhostService(service.MultiService):
             if transport is not None and getattr(transport, "connected", True):
                 transport.loseConnection()
         yield super().stopService()
+        # twistd re-raises the signal that stopped the reactor so the exit status shows it;
+        # a SIGTERM that ended in a clean drain is a normal stop: exit 0 (issue #2 §4).
+        if getattr(self.ctx.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.ctx.reactor._exitSignal = None
         log.info("mailhost stopped")
 
 
