@@ -8,6 +8,7 @@ the session may send them (RFC 3501 §7.4.1, §5.5).
 from __future__ import annotations
 
 import threading
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
@@ -52,6 +53,22 @@ def format_flags(flags: Iterable[str]) -> bytes:
     return b"(" + " ".join(flags).encode("ascii", "replace") + b")"
 
 
+_added_claims: weakref.WeakKeyDictionary[FolderIndex, set[int]] = weakref.WeakKeyDictionary()
+_claims_lock = threading.Lock()
+
+
+def _claim_added(index: FolderIndex, uids: list[int]) -> list[int]:
+    """\\Recent for a message added by APPEND/COPY goes to the first read-write session
+    told about it (RFC 3501 §2.3.2); remembered per index so only one session gets it."""
+    with _claims_lock:
+        claimed = _added_claims.setdefault(index, set())
+        mine = [u for u in uids if u not in claimed]
+        claimed.update(mine)
+        if len(claimed) > 10000:
+            claimed.difference_update(sorted(claimed)[:5000])
+        return mine
+
+
 class SelectedFolder:
     """One session's view of a selected folder."""
 
@@ -90,6 +107,8 @@ class SelectedFolder:
         if changes.added and not self.readonly:
             fresh = [u for u in changes.added if (e := index.get(u)) and e.subdir == "new"]
             claimed = index.claim_new(fresh) if fresh else []
+            if origin is not None:  # APPEND/COPY/MOVE put it straight into cur/
+                claimed += _claim_added(index, [u for u in changes.added if u not in fresh])
         else:
             claimed = [u for u in changes.added if (e := index.get(u)) and e.subdir == "new"]
         with self._lock:

@@ -237,3 +237,18 @@ def test_authenticate_plain_with_and_without_initial_response(ctx):
     proto.dataReceived(b"b AUTHENTICATE PLAIN\r\n" + blob + b"\r\n")
     assert take(t)[-1].startswith(b"b OK")
     proto.connectionLost(None)
+
+
+def test_append_to_selected_folder_is_recent_here_only(ctx):
+    a, ta = connect(ctx)
+    b, tb = connect(ctx)
+    for proto in (a, b):
+        proto.dataReceived(b"l LOGIN alice@example.org secret\r\ns SELECT INBOX\r\n")
+    take(ta), take(tb)
+    a.dataReceived(b"p APPEND INBOX {13+}\r\nSubject: x\r\n\r\n\r\n")
+    lines = take(ta)
+    assert lines[:2] == [b"* 1 EXISTS", b"* 1 RECENT"] and lines[2].startswith(b"p OK [APPENDUID")
+    b.dataReceived(b"n NOOP\r\n")
+    assert take(tb) == [b"* 1 EXISTS", b"* 0 RECENT", b"n OK NOOP completed"]
+    a.connectionLost(None)
+    b.connectionLost(None)
