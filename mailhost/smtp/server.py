@@ -184,8 +184,16 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
     def _process(self) -> None:
         while not self._waiting and not self._closing:
             if self.mode == DATA:
-                if not self._data_chunk():
-                    break
+                try:
+                    if not self._data_chunk():
+                        break
+                except Exception:  # noqa: BLE001 - never a traceback to the client
+                    log.failure("smtp session {session}: DATA failed",
+                                session=self.session_id)
+                    self.mode = COMMAND
+                    self.reset_transaction()
+                    self.send_reply(Reply(451, "4.3.0", "Error: internal error"))
+                    self._shutdown(Reply(421, "4.3.0", "Error: closing the session"))
                 continue
             buf = self._buf
             idx = buf.find(b"\r\n", self._pos)
@@ -214,6 +222,11 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
         keep = b"\r" if self._buf.endswith(b"\r") else b""
         self._buf, self._pos = keep, 0
         self._skip_line = True
+
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802 - LineOnlyReceiver API
+        """Unused by our framing (dataReceived is replaced); kept safe: reply and skip."""
+        self._line_too_long()
+        self._discard_partial()
 
     def _line_too_long(self) -> None:
         """RFC 5321 §4.5.3.1.4 / §4.2.2: 500 and carry on, until the error limit."""
