@@ -462,3 +462,52 @@ async def test_idle_woken_by_smtp_delivery(tmp_path):
         assert (await result).strip() == b"* 1 EXISTS"
     finally:
         await stop(srv)
+
+
+@pytest_twisted.ensureDeferred
+async def test_misc_commands_inbox_rename_and_external_rename(tmp_path):
+    srv = await _server(tmp_path)
+    await deliver(srv, plain("keep my uid"))
+    await deliver(srv, plain("second"))
+    root = srv.maildir(USER)
+    try:
+        def talk():
+            m = connect_ssl(srv)
+            assert check(m._simple_command("NAMESPACE")) is not None
+            assert m.untagged_responses.pop("NAMESPACE") == [b'(("" ".")) NIL NIL']
+            check(m.xatom("ID", "NIL"))
+            check(m._simple_command("ENABLE", "CONDSTORE"))
+            check(m.select("INBOX", readonly=True))
+            typ, data = m.store("1", "+FLAGS", "(\\Seen)")
+            assert typ == "NO" and b"READ-ONLY" in data[0]
+            check(m._simple_command("UNSELECT"))
+            status = check(m.status("INBOX", "(MESSAGES UNSEEN UIDNEXT UIDVALIDITY RECENT)"))
+            assert b"MESSAGES 2" in status[0] and b"UNSEEN 2" in status[0]
+            typ, data = m._simple_command("LIST", "(SPECIAL-USE)", '""', "*")
+            lines = m.untagged_responses.pop("LIST")
+            assert any(b"\\Trash" in line for line in lines)
+            # another Maildir tool marks message 1 seen by renaming it: same UID
+            check(m.select("INBOX"))
+            before = check(m.uid("SEARCH", "SUBJECT", '"keep my uid"'))[0]
+            # (SELECT moved both from new/ to cur/: they were \Recent for this session)
+            path = next(p for p in (root / "cur").iterdir() if b"keep my uid" in p.read_bytes())
+            base = path.name.split(":")[0]
+            path.rename(root / "cur" / f"{base}:2,S")
+            check(m.noop())
+            assert b"\\Seen" in b" ".join(m.untagged_responses.get("FETCH", []))
+            assert check(m.uid("SEARCH", "SEEN"))[0] == before
+            # RENAME INBOX moves its messages into a new folder, INBOX stays
+            check(m._simple_command("UNSELECT"))
+            check(m.rename("INBOX", "Old-Inbox"))
+            assert check(m.select("Old-Inbox")) == [b"2"]
+            assert check(m.select("INBOX")) == [b"0"]
+            # deleting the selected folder deselects it
+            check(m.select("Old-Inbox"))
+            check(m.delete("Old-Inbox"))
+            with pytest.raises(imaplib.IMAP4.error, match="no mailbox selected"):
+                m.fetch("1", "(FLAGS)")
+            m.logout()
+
+        await in_thread(talk)
+    finally:
+        await stop(srv)
