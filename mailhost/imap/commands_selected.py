@@ -126,7 +126,7 @@ class SelectedCommands:
                     hits.append(u if uid else pos + 1)
             return hits
 
-        hits = (yield self.blocking(run)) if need else run()
+        hits = (yield self.blocking(run)) if need or len(uids) > 5000 else run()
         self.send(b"* SEARCH" + b"".join(b" %d" % h for h in hits))
         return ""
 
