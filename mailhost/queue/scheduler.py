@@ -63,6 +63,7 @@ class Scheduler:
         self._wakeups: list[tuple[float, str]] = []
         self._scan: task.LoopingCall | None = None
         self._active = 0
+        self._scanning = False
         self._idle: list[defer.Deferred[None]] = []
         self.running = False
 
@@ -73,9 +74,9 @@ class Scheduler:
         for env in envelopes:
             self.entries[env.id] = env
             self._wake(env)
-        self._scan = task.LoopingCall(self.scan)
+        self._scan = task.LoopingCall(self._scan_tick)
         self._scan.clock = self.clock
-        self._scan.start(self.config.scan_interval, now=False).addErrback(
+        self._scan.start(self.config.scan_interval, now=True).addErrback(
             lambda f: log.failure("queue scan stopped", f))
         self.schedule()
 
@@ -181,14 +182,14 @@ class Scheduler:
         elif env.finished() and not busy:
             self._spawn(self._maybe_remove(env), env)  # e.g. a crash before removal
 
-    def _spawn(self, coro: Awaitable[Any], env: Envelope) -> None:
+    def _spawn(self, coro: Awaitable[Any], env: Envelope | None = None) -> None:
         self._active += 1
         d = defer.ensureDeferred(coro)  # type: ignore[arg-type]
         d.addErrback(lambda f: log.failure("queue job failed", f))
 
         def done(_: Any) -> None:
             self._active -= 1
-            if env.id in self.entries:
+            if env is not None and env.id in self.entries:
                 self._wake(env)
             self.schedule()
             if self._active == 0:
@@ -398,8 +399,19 @@ class Scheduler:
 
     # -- operator requests (from the CLI through the control directory) --------------
 
+    def _scan_tick(self) -> None:
+        if not self._scanning:
+            self._scanning = True
+            self._spawn(self.scan())  # counted as work in flight: wait_idle covers it
+
     async def scan(self) -> None:
         """Notice CLI changes: deleted entries and flush/bounce requests."""
+        try:
+            await self._scan_once()
+        finally:
+            self._scanning = False
+
+    async def _scan_once(self) -> None:
         on_disk, requests = await self.spool.scan()
         present = set(on_disk)
         for qid in list(self.entries):
