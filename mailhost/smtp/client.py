@@ -298,7 +298,8 @@ async def _secure_and_auth(proto: SMTPReplyProtocol, txn: Transaction,
 def _mail_params(txn: Transaction, ext: dict[str, str]) -> str:
     params = []
     if "SIZE" in ext:
-        params.append(f"SIZE={len(txn.data)}")  # RFC 1870
+        size = len(txn.data) + txn.data.count(b"\n")  # RFC 1870: as sent, with CRLF
+        params.append(f"SIZE={size}")
     if txn.eightbit and "8BITMIME" in ext:
         params.append("BODY=8BITMIME")  # RFC 6152
     if txn.smtputf8:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet import task
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from mailhost.smtp.client import DataEncoder, Reply, SMTPReplyProtocol, encode_data
 
@@ -90,5 +92,5 @@ def test_malformed_reply_line_aborts():
     errors = []
     proto.next_reply().addErrback(errors.append)
     proto.dataReceived(b"hello there\r\n")
-    proto.connectionLost(None)
+    proto.connectionLost(Failure(ConnectionDone()))
     assert errors and "malformed" in str(errors[0].value)
