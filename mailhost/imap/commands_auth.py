@@ -71,7 +71,7 @@ class SessionCommands:
         if self.role != "imap" or self.tls:
             raise BadCommand("TLS is already active")
         # CVE-2011-0411 class: nothing pipelined after STARTTLS may run inside TLS
-        self._buf = b""
+        self._pos = len(self._buf)  # drop everything already received
         self._reset_command()
         self.send(tag + b" OK begin TLS negotiation now")
         self.transport.startTLS(self.ctx.tls)

@@ -38,6 +38,8 @@ from mailhost.store.maildir import unique_name
 
 log = Logger(namespace="mailhost.imap")
 
+#: pipelined input held while a command runs before we stop reading the socket
+MAX_BUFFERED = 1 << 20
 _LITERAL = re.compile(rb"\{(\d{1,12})(\+?)\}$")
 #: states in which each command is valid (RFC 3501 §6)
 ANY, NOTAUTH, AUTH, SELECTED = "any", "notauth", "auth", "selected"
@@ -70,7 +72,10 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
         self.selected: Any = None
         self.ip = "?"
         self._logout: Any = None
-        self._buf = b""
+        self._buf = bytearray()
+        self._pos = 0
+        self._reading = False
+        self._paused = False
         self._segments: list[bytes | Literal] = []
         self._cmd_size = 0
         self._literal: Literal | None = None
@@ -160,14 +165,30 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
         self._buf += data
         self._reset_timeout()
         self._pump()
+        if self._busy and len(self._buf) - self._pos > MAX_BUFFERED and not self._paused:
+            self._paused = True  # a pipelining client waits while we work
+            self.transport.pauseProducing()
 
     def _pump(self) -> None:
+        if self._reading:  # a command finished synchronously inside _read: it goes on
+            return
+        self._reading = True
+        try:
+            self._read()
+        finally:
+            self._reading = False
+            if self._pos > 65536 or self._pos == len(self._buf):
+                del self._buf[:self._pos]
+                self._pos = 0
+
+    def _read(self) -> None:
+        buf = self._buf
         while not self._closed and (not self._busy or self._line_handler):
             if self._lit_left:
-                if not self._buf:
+                if self._pos >= len(buf):
                     return
-                chunk = self._buf[:self._lit_left]
-                self._buf = self._buf[len(chunk):]
+                chunk = bytes(buf[self._pos:self._pos + self._lit_left])
+                self._pos += len(chunk)
                 self._lit_left -= len(chunk)
                 if isinstance(self._lit_sink, bytearray):
                     self._lit_sink += chunk
@@ -176,16 +197,15 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
                 if not self._lit_left:
                     self._end_literal()
                 continue
-            end = self._buf.find(b"\n")
-            if end < 0 and self._discard_line:
-                self._buf = b""
-                return
+            end = buf.find(b"\n", self._pos)
             if end < 0:
-                if len(self._buf) > self.limits.imap_command_length:
+                if self._discard_line:
+                    self._pos = len(buf)
+                elif len(buf) - self._pos > self.limits.imap_command_length:
                     self._line_too_long()
                 return
-            line = self._buf[:end]
-            self._buf = self._buf[end + 1:]
+            line = bytes(buf[self._pos:end])
+            self._pos = end + 1
             if self._discard_line:
                 self._discard_line = False
                 continue
@@ -204,7 +224,7 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
         """Answer BAD, drop the partial command and the rest of the line."""
         self.send(b"* BAD command line too long")
         if not consumed:
-            self._buf = b""
+            self._pos = len(self._buf)
             self._discard_line = True
         self._reset_command()
 
@@ -218,12 +238,11 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
         m = _LITERAL.search(line)
         if not m:
             self._segments.append(line)
-            segments, skip = self._segments, self._skip_command
+            segments, skip, size = self._segments, self._skip_command, self._cmd_size
             self._reset_command()
             if skip:
                 return
-            if self._cmd_size > self.limits.imap_command_length + \
-                    self.limits.imap_literal * 4:
+            if size > self.limits.imap_command_length + self.limits.imap_literal * 4:
                 self.send(b"* BAD command too long")
                 return
             self._execute(segments)
@@ -392,6 +411,9 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
         self._busy = False
         if not self._closed:
             self._pump()
+            if self._paused and not self._busy:
+                self._paused = False
+                self.transport.resumeProducing()
 
     def _cleanup_files(self, segments: list[bytes | Literal]) -> None:
         for seg in segments:
