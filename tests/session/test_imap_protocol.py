@@ -252,3 +252,12 @@ def test_append_to_selected_folder_is_recent_here_only(ctx):
     assert take(tb) == [b"* 1 EXISTS", b"* 0 RECENT", b"n OK NOOP completed"]
     a.connectionLost(None)
     b.connectionLost(None)
+
+
+def test_many_pipelined_commands_in_one_read(ctx):
+    proto, t = connect(ctx)
+    take(t)
+    proto.dataReceived(b"".join(b"n%d NOOP\r\n" % i for i in range(5000)))
+    lines = take(t)
+    assert len(lines) == 5000 and lines[-1] == b"n4999 OK NOOP completed"
+    proto.connectionLost(None)
