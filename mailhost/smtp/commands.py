@@ -472,7 +472,8 @@ class CommandsMixin:
         self.message_count += 1
         log.info("smtp message accepted session={session} client_ip={client_ip} "
                  "helo={helo} tls={tls} from={sender} to={recipients} size={size} "
-                 "message_id={message_id} id={txid}", session=self.session_id,
+                 "message_id={message_id} id={txid}", event="smtp.accepted",
+                 session=self.session_id,
                  client_ip=self.client_ip, helo=self.helo_name,
                  tls="/".join(self.tls_info) if self.tls_info else None,
                  sender=env.sender_text, recipients=list(env.recipients),

@@ -81,14 +81,15 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
         self._helo = (None, self.client_ip)
         if not self.ctx.connections.acquire(self.client_ip):
             log.info("smtp reject session={session} client_ip={client_ip} code={code} "
-                     "reason={reason}", session=self.session_id, client_ip=self.client_ip,
-                     code=421, reason="too many connections")
+                     "reason={reason}", event="smtp.reject", session=self.session_id,
+                     client_ip=self.client_ip, code=421, reason="too many connections")
             self.sendCode(421, self.host + b" 4.7.0 Too many connections from your address")
             self._close()
             return
         self._acquired = True
         log.info("smtp session open session={session} client_ip={client_ip} role={role}",
-                 session=self.session_id, client_ip=self.client_ip, role=self.role)
+                 event="smtp.session_open", session=self.session_id,
+                 client_ip=self.client_ip, role=self.role)
         self.sendCode(220, self.host + b" ESMTP mailhost")
         self.setTimeout(self.timeout)
         self._session_timer = self.ctx.clock.callLater(self.limits.session_length,
@@ -109,7 +110,8 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
             self._acquired = False
             self.ctx.connections.release(self.client_ip)
             log.info("smtp session close session={session} client_ip={client_ip} "
-                     "messages={messages} account={account}", session=self.session_id,
+                     "messages={messages} account={account}", event="smtp.session_close",
+                     session=self.session_id,
                      client_ip=self.client_ip, messages=self.message_count,
                      account=self.account)
 
@@ -153,8 +155,9 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
         """Send one reply with its enhanced status code (RFC 2034); log rejections."""
         if code >= 400:
             log.info("smtp reject session={session} client_ip={client_ip} code={code} "
-                     "status={status} text={text}", session=self.session_id,
-                     client_ip=self.client_ip, code=code, status=status, text=text)
+                     "status={status} text={text}", event="smtp.reject",
+                     session=self.session_id, client_ip=self.client_ip, code=code,
+                     status=status, text=text)
         if code >= 500 and code != 535:
             self.bad_commands += 1
         prefix = self.host + b" " if host else b""

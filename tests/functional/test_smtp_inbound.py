@@ -614,3 +614,34 @@ def test_refuses_mail_while_stopping(mx):
     mx.ctx.stopping = False
     assert b"421" in reply[0] and b"4.3.2" in reply[0]
     assert closed
+
+
+@pytest_twisted.inlineCallbacks
+def test_log_events(mx):
+    from twisted.logger import globalLogPublisher
+
+    events = []
+
+    def observer(event):
+        if event.get("log_namespace") == "mailhost.smtp":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield in_thread(send, mx.ports["smtp"], "s@remote.test", ["alice@example.org"])
+        yield in_thread(smtp_error, send, mx.ports["smtp"], "s@remote.test",
+                        ["nobody@example.org"])
+        yield defer.ensureDeferred(settle(mx))
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    kinds = [e.get("event") for e in events]
+    assert kinds.count("smtp.session_open") == 2 and kinds.count("smtp.session_close") == 2
+    [accepted] = [e for e in events if e.get("event") == "smtp.accepted"]
+    assert accepted["client_ip"] == "127.0.0.1" and accepted["helo"] == "client.test"
+    assert accepted["sender"] == "s@remote.test"
+    assert accepted["recipients"] == ["alice@example.org"]
+    assert accepted["message_id"] == "<m1@client.test>" and accepted["size"] > 0
+    assert accepted["files"][0].startswith(str(mx.maildir("alice@example.org")))
+    assert accepted["session"] == events[0]["session"]
+    [reject] = [e for e in events if e.get("event") == "smtp.reject"]
+    assert (reject["code"], reject["status"]) == (550, "5.1.1")
