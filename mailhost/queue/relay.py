@@ -66,9 +66,11 @@ def _temporary_dns(name: str, failure: Exception) -> DestinationFailure:
 class MXResolver:
     """MX and address lookups with CNAME chasing over any twisted.names resolver."""
 
-    def __init__(self, resolver: Any, rng: random.Random | None = None) -> None:
+    def __init__(self, resolver: Any, rng: random.Random | None = None,
+                 own_name: str = "") -> None:
         self.resolver = resolver
         self.rng = rng or random.Random()
+        self.own_name = own_name.lower()
 
     async def _query(self, qtype: int, name: str) -> list[Any]:
         """Records of `qtype` for `name`, following CNAMEs (RFC 1034 §3.6.2)."""
@@ -115,6 +117,14 @@ class MXResolver:
             group = by_pref[pref]
             self.rng.shuffle(group)
             ordered.extend(group)
+        if self.own_name and self.own_name in (h.lower().rstrip(".") for h in ordered):
+            # RFC 5321 §5.1: drop our own name and every less preferred host
+            own_pref = min(p for p, hs in by_pref.items()
+                           if self.own_name in (h.lower().rstrip(".") for h in hs))
+            ordered = [h for p in sorted(by_pref) if p < own_pref for h in by_pref[p]]
+            if not ordered:
+                raise DestinationFailure(local_reply(
+                    554, "5.4.6", f"mail for {domain} loops back to myself"))
         return ordered
 
     async def addresses(self, host: str) -> list[str]:
@@ -153,7 +163,7 @@ class Relay:
         self.reactor = reactor
         self.config = config
         self.hostname = hostname
-        self.mx = MXResolver(resolver, rng)
+        self.mx = MXResolver(resolver, rng, own_name=hostname)
         self.trust_root = trust_root
         self.require_tls = {d.lower() for d in config.require_tls}
         self._contexts: dict[tuple[str, bool], Any] = {}

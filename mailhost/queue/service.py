@@ -88,6 +88,7 @@ class OutboundQueue(service.Service):
         notify = params.get("notify") or {}
         orcpt = params.get("orcpt") or {}
         now = self.clock.seconds()
+        recipients = list(dict.fromkeys(recipients))  # one delivery per recipient
         env = Envelope(
             id=new_queue_id(), sender=sender, created=now,
             recipients=[Recipient(address=r, next_attempt=now, notify=notify.get(r),

@@ -118,9 +118,14 @@ class FakeSMTP(LineReceiver):
 
     def connectionMade(self) -> None:
         self.fake.connections += 1
+        self.fake.active += 1
+        self.fake.max_active = max(self.fake.max_active, self.fake.active)
         self.transport.write(self.b.greeting.encode() + b"\r\n")
         if not self.b.greeting.startswith("220"):
             self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.fake.active -= 1
 
     def reply(self, text: str) -> None:
         self.transport.write(text.encode() + b"\r\n")
@@ -205,6 +210,8 @@ class FakeServer:
         self.mail_commands: list[str] = []
         self.authenticated: list[str] = []
         self.connections = 0
+        self.active = 0
+        self.max_active = 0
         self.transactions = 0
         factory = Factory.forProtocol(lambda: FakeSMTP(self))
         if self.behaviour.implicit:

@@ -338,3 +338,28 @@ async def test_dns_failure_is_temporary(h):
     rcpt = h.envelope(qid).recipients[0]
     assert rcpt.status == PENDING and rcpt.last_reply.startswith("451 4.4.3")
     assert h.store.delivered == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_per_destination_limit_bounds_parallel_connections(h):
+    srv = h.server()
+    await h.start({"dest.test": [a("127.0.0.1")]}, queue="per_destination = 2")
+    for _ in range(8):
+        await h.submit("alice@example.org", ["bob@dest.test"])
+    await h.run()
+    assert len(srv.received) == 8
+    assert 1 <= srv.max_active <= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_mx_pointing_at_ourselves_is_not_used(h):
+    srv = h.server()
+    await h.start({"dest.test": [mx(20, "mx.example.org"), mx(10, "backup.dest.test")],
+                   "mx.example.org": [a("127.0.0.2")], "backup.dest.test": [a("127.0.0.1")],
+                   "loop.test": [mx(10, "mx.example.org"), mx(20, "backup.dest.test")]})
+    await h.submit("alice@example.org", ["bob@dest.test", "carol@loop.test"])
+    await h.run()
+    assert [r.recipients for r in srv.received] == [["bob@dest.test"]]
+    [report] = h.store.delivered["alice@example.org"]
+    assert b"5.4.6" in report and b"carol@loop.test" in report
+    assert b"Final-Recipient: rfc822; bob@dest.test" not in report
