@@ -14,7 +14,9 @@ One run:
    by APPEND, then runs N client threads; each session does LOGIN, SELECT, FETCH of
    the flags/sizes of all messages, FETCH of 10 header sets, FETCH of 2 bodies, STORE
    \\Seen, APPEND, STORE \\Deleted + EXPUNGE, LOGOUT;
-3. prints operations per second and latency percentiles per operation for both;
+3. prints operations per second and latency percentiles per operation for both
+   (`--reuse` adds a second round where each client logs in once and repeats the
+   visit on one connection, so password hashing does not dominate the figures);
 4. with `--big N` (default 100000) writes N small messages straight into a folder of
    each server's Maildir and times the first SELECT (index build), a second SELECT,
    `FETCH 1:* (UID FLAGS RFC822.SIZE)` and `UID FETCH 1:4294967295 (UID)`.
@@ -180,9 +182,11 @@ def seed(host: str, port: int, user: str, messages: list[bytes]) -> None:
 
 
 def session(host: str, port: int, user: str, stats: Stats, rng: random.Random,
-            message: bytes) -> None:
-    m = imaplib.IMAP4(host, port, timeout=60)
-    stats.timed("LOGIN", m.login, user, PASSWORD)
+            message: bytes, conn: imaplib.IMAP4 | None = None) -> None:
+    """One mail-client visit; with `conn` (reuse mode) no LOGIN/LOGOUT."""
+    m = conn or imaplib.IMAP4(host, port, timeout=60)
+    if conn is None:
+        stats.timed("LOGIN", m.login, user, PASSWORD)
     typ, data = stats.timed("SELECT", m.select, "INBOX")
     exists = int(data[0])
     stats.timed("FETCH flags/sizes", m.fetch, "1:*", "(UID FLAGS RFC822.SIZE)")
@@ -196,11 +200,15 @@ def session(host: str, port: int, user: str, stats: Stats, rng: random.Random,
     stats.timed("APPEND", m.append, "INBOX", None, None, message)
     stats.timed("STORE", m.store, str(exists + 1), "+FLAGS.SILENT", "(\\Deleted)")
     stats.timed("EXPUNGE", m.expunge)
-    stats.timed("LOGOUT", m.logout)
+    if conn is None:
+        stats.timed("LOGOUT", m.logout)
 
 
-def run_load(name: str, host: str, port: int, users: list[str], args) -> dict:
+def run_load(name: str, host: str, port: int, users: list[str], args,
+             reuse: bool = False) -> dict:
     messages = sample_messages(args.messages)
+    if reuse:
+        name += "/reuse"
     log(f"{name}: seeding {len(users)} mailboxes with {len(messages)} messages each")
     t0 = time.perf_counter()
     threads = [threading.Thread(target=seed, args=(host, port, u, messages)) for u in users]
@@ -214,11 +222,17 @@ def run_load(name: str, host: str, port: int, users: list[str], args) -> dict:
 
     def client(i: int) -> None:
         rng = random.Random(i)
+        conn = None
+        if reuse:
+            conn = imaplib.IMAP4(host, port, timeout=60)
+            conn.login(users[i], PASSWORD)
         for _ in range(args.sessions):
             try:
-                session(host, port, users[i], stats, rng, messages[i % len(messages)])
+                session(host, port, users[i], stats, rng, messages[i % len(messages)], conn)
             except Exception as e:  # noqa: BLE001 - count and go on
                 failures.append(e)
+        if conn is not None:
+            conn.logout()
 
     log(f"{name}: {len(users)} clients x {args.sessions} sessions")
     t0 = time.perf_counter()
@@ -322,6 +336,8 @@ def main() -> int:
     p.add_argument("--targets", default="mailhost,dovecot")
     p.add_argument("--dovecot-port", type=int, default=1143)
     p.add_argument("--no-twistd", action="store_true")
+    p.add_argument("--reuse", action="store_true",
+                   help="also run with one login per client (no per-visit LOGIN cost)")
     p.add_argument("--keep-tmp", action="store_true")
     args = p.parse_args()
     targets = args.targets.split(",")
@@ -333,10 +349,13 @@ def main() -> int:
         if "mailhost" in targets:
             mh = Mailhost(args)
             mh.start(users + [f"ib{stamp}big"])
-            results.append(run_load("mailhost", "127.0.0.1", mh.port,
-                                    [f"{u}@{DOMAIN}" for u in users], args))
-        if "dovecot" in targets:
-            results.append(run_load("dovecot", "127.0.0.1", args.dovecot_port, users, args))
+        for reuse in (False, True) if args.reuse else (False,):
+            if "mailhost" in targets:
+                results.append(run_load("mailhost", "127.0.0.1", mh.port,
+                                        [f"{u}@{DOMAIN}" for u in users], args, reuse))
+            if "dovecot" in targets:
+                results.append(run_load("dovecot", "127.0.0.1", args.dovecot_port, users,
+                                        args, reuse))
         report(results)
         if args.big:
             if mh is not None:
