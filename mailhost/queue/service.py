@@ -27,16 +27,39 @@ log = Logger(namespace="mailhost.queue")
 RouteLocal = Callable[[str], Any]  # address -> list of mailbox keys, None if remote
 
 
-def make_resolver(config: Config, reactor: Any) -> Any:
-    """A twisted.names resolver: `[queue] dns_servers`, or the system's configuration."""
+def system_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """The `nameserver` lines of resolv.conf (127.0.0.1 when there are none)."""
     servers = []
-    for entry in config.queue.dns_servers:
-        host, sep, port = entry.rpartition(":") if ":" in entry else (entry, "", "53")
-        servers.append((host.strip("[]") if sep else entry, int(port or 53)))
-    if servers:
-        return client.Resolver(servers=servers, reactor=reactor)
-    # the system resolver; createResolver() would use the global reactor
-    return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    servers.append((parts[1].split("%")[0], 53))
+    except OSError:
+        pass
+    return servers or [("127.0.0.1", 53)]
+
+
+def _server_address(entry: str) -> tuple[str, int]:
+    """ "host", "host:port", "[v6]:port" or a bare IPv6 address -> (host, port)."""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        return host, int(rest.lstrip(":") or 53)
+    if entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        return host, int(port or 53)
+    return entry, 53
+
+
+def make_resolver(config: Config, reactor: Any) -> Any:
+    """A twisted.names resolver: `[queue] dns_servers`, or the system's name servers.
+
+    resolv.conf is read once here (client.createResolver would use the global reactor
+    and re-read the file on a timer that outlives the service).
+    """
+    servers = [_server_address(entry) for entry in config.queue.dns_servers]
+    return client.Resolver(servers=servers or system_nameservers(), reactor=reactor)
 
 
 def postmaster_address(config: Config) -> str:
