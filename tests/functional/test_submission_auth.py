@@ -306,3 +306,58 @@ def test_auth_garbage(sub):
     assert out == [b"250 AUTH ", b"501 5.5.4", b"504 5.5.4", b"501 5.5.2", b"501 5.5.2",
                    b"334 VXNlc", b"501 5.7.0", b"221"]
     yield in_thread(survives, sub)
+
+
+@pytest_twisted.inlineCallbacks
+def test_failed_logins_are_delayed(tmp_path):
+    """After `free_failures`, the 535 only comes after the throttle's delay (per IP and
+    per account); other sessions are served meanwhile."""
+    from twisted.internet import reactor
+
+    clock = task.Clock()
+    throttle = AUTH.replace("delay = 0.0", "delay = 5.0")
+    srv = yield defer.ensureDeferred(mx_server(tmp_path, extra=LIMITS + throttle,
+                                               clock=clock))
+    try:
+        def attempt(conn, password):
+            blob = base64.b64encode(b"\0alice@example.org\0" + password.encode())
+            conn.send(b"AUTH PLAIN " + blob + b"\r\n")
+
+        def open_tls():
+            raw = Raw(srv.ports["submissions"])
+            raw.sock = srv.client_tls().wrap_socket(raw.sock,
+                                                    server_hostname="mx.example.org")
+            raw.file = raw.sock.makefile("rb")
+            assert raw.code() == 220
+            raw.send(b"EHLO c\r\n")
+            raw.reply()
+            return raw
+
+        conn = yield in_thread(open_tls)
+        for _ in range(2):  # free failures: answered at once
+            yield in_thread(attempt, conn, "wrong")
+            assert (yield in_thread(conn.code)) == 535
+            conn.close()
+            conn = yield in_thread(open_tls)
+        yield in_thread(attempt, conn, "wrong")
+        pending = in_thread(conn.code)
+        # meanwhile another session works normally
+        other = yield in_thread(lambda: (lambda r: (r.code(), r.send(b"NOOP\r\n"),
+                                                    r.code(), r.close()))(
+            Raw(srv.ports["smtp"])))
+        assert other[0] == 220 and other[2] == 250
+        assert not pending.called
+        for _ in range(1000):  # wait (bounded) until the hash check has failed
+            if any(getattr(c.func, "__name__", "") == "errback"
+                   for c in clock.getDelayedCalls()):
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        assert not pending.called
+        clock.advance(5)
+        assert (yield pending) == 535
+        conn.close()
+    finally:
+        yield defer.ensureDeferred(settle(srv))
+        yield srv.stop()
+        for call in clock.getDelayedCalls():
+            call.cancel()
