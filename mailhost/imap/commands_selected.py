@@ -34,6 +34,8 @@ from mailhost.imap.wire import (
 FETCH_BATCH = 250
 #: bytes of message files read on the reactor thread at most (larger: worker thread)
 SMALL_READ = 262144
+#: message bytes read per FETCH slice (one large message may exceed it alone)
+BATCH_BYTES = 8 << 20
 IDLE_POLL = 0.5
 _SEQ_CHARS = frozenset(b"0123456789:*,")
 
@@ -45,6 +47,24 @@ def _load(entry: Any, need: int) -> Part | None:
     except FileNotFoundError:
         return None
     return Part(data)
+
+
+def _batches(folder: Any, positions: list[int], bodies: bool) -> list[list[tuple[int, Any]]]:
+    """FETCH work in slices of at most FETCH_BATCH messages and, when message content
+    is read, about BATCH_BYTES bytes, so memory stays bounded for any folder."""
+    out: list[list[tuple[int, Any]]] = [[]]
+    size = 0
+    for pos in positions:
+        entry = folder.index.get(folder.uids[pos])
+        if entry is None:
+            continue
+        cost = _size(entry) if bodies else 0
+        if out[-1] and (len(out[-1]) >= FETCH_BATCH or size + cost > BATCH_BYTES):
+            out.append([])
+            size = 0
+        out[-1].append((pos, entry))
+        size += cost
+    return out if out[-1] else []
 
 
 def _size(entry: Any) -> int:
@@ -149,10 +169,8 @@ class SelectedCommands:
         producer = _Throttle(self.transport)
         flag_cache: dict[tuple, bytes] = {}
         try:
-            for start in range(0, len(positions), FETCH_BATCH):
-                batch = positions[start:start + FETCH_BATCH]
-                entries = [(p, folder.index.get(folder.uids[p])) for p in batch]
-                entries = [(p, e) for p, e in entries if e is not None]
+            batches = _batches(folder, positions, need != NEED_NONE)
+            for n, entries in enumerate(batches):
                 parts: list[Any] = [None] * len(entries)
                 if need != NEED_NONE and len(entries) <= 4 and \
                         sum(_size(e) for _, e in entries) < SMALL_READ:
@@ -180,7 +198,7 @@ class SelectedCommands:
                     body = b" ".join(render(i, entry, part, flags) for i in items)
                     out.append(b"* %d FETCH (" % (pos + 1) + body + b")\r\n")
                 self.transport.write(b"".join(out))
-                if start + FETCH_BATCH < len(positions):
+                if n + 1 < len(batches):
                     yield producer.wait(self.ctx.clock)
         finally:
             producer.close()
