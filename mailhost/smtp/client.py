@@ -24,6 +24,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.basic import FileSender, LineReceiver
 from twisted.python.failure import Failure
 
+#: bounds on what a (possibly hostile) server may send us in one reply
+MAX_REPLY_LINES = 200
+
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 
 
@@ -149,6 +152,9 @@ class SMTPReplyProtocol(LineReceiver):
             self._fail(local_reply(421, "4.5.0", f"malformed reply line {text[:80]!r}"))
             return
         self._lines.append(text[4:])
+        if len(self._lines) > MAX_REPLY_LINES:
+            self._fail(local_reply(421, "4.5.0", "reply has too many lines"))
+            return
         if text[3:4] != "-":
             reply = Reply(int(text[:3]), tuple(self._lines))
             self._lines = []

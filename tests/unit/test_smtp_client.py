@@ -94,3 +94,12 @@ def test_malformed_reply_line_aborts():
     proto.dataReceived(b"hello there\r\n")
     proto.connectionLost(Failure(ConnectionDone()))
     assert errors and "malformed" in str(errors[0].value)
+
+
+def test_endless_multiline_reply_is_cut_off():
+    clock, proto = _proto()
+    errors = []
+    proto.next_reply().addErrback(errors.append)
+    proto.dataReceived(b"250-x\r\n" * 500)
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert errors and "too many lines" in str(errors[0].value)
