@@ -363,3 +363,28 @@ async def test_mx_pointing_at_ourselves_is_not_used(h):
     [report] = h.store.delivered["alice@example.org"]
     assert b"5.4.6" in report and b"carol@loop.test" in report
     assert b"Final-Recipient: rfc822; bob@dest.test" not in report
+
+
+@pytest_twisted.ensureDeferred
+async def test_attempts_and_reports_are_logged_with_stable_keys(h):
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        h.server(Behaviour(rcpt={"carol@dest.test": "550 5.1.1 no"}))
+        await h.start({"dest.test": [mx(10, "mx.dest.test")],
+                       "mx.dest.test": [a("127.0.0.1")]})
+        qid = await h.submit("alice@example.org", ["bob@dest.test", "carol@dest.test"])
+        await h.run()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    attempts = {e["recipient"]: e for e in events if e.get("event") == "queue.attempt"}
+    bob = attempts["bob@dest.test"]
+    assert (bob["queue_id"], bob["mx"], bob["ip"], bob["tls"], bob["result"]) == (
+        qid, "mx.dest.test", "127.0.0.1", False, "delivered")
+    assert bob["code"] == 250 and "delay" in bob
+    assert attempts["carol@dest.test"]["result"] == "failed"
+    [report] = [e for e in events if e.get("event") == "queue.dsn"]
+    assert (report["queue_id"], report["to"], report["recipients"]) == (
+        qid, "alice@example.org", ["carol@dest.test"])
