@@ -173,6 +173,7 @@ class Matcher:
         self.uids = uids
         self.recent = recent
         self._sets: dict[int, set[int]] = {}
+        self._fast = self._compile(tree)
 
     def _set(self, node: Node, by_uid: bool) -> set[int]:
         key = id(node)
@@ -182,7 +183,34 @@ class Matcher:
         return self._sets[key]
 
     def match(self, entry: MessageEntry, part: Callable[[], Part | None]) -> bool:
+        if self._fast is not None:
+            return self._fast(entry)
         return self._eval(self.tree, entry, _Lazy(part))
+
+    def _compile(self, node: Node) -> Callable[[MessageEntry], bool] | None:
+        """A closure for trees of index-only keys (fast SEARCH on big folders)."""
+        kind = node[0]
+        if kind == "and":
+            fns = [self._compile(n) for n in node[1]]
+            if any(f is None for f in fns):
+                return None
+            if len(fns) == 1:
+                return fns[0]
+            return lambda e: all(f(e) for f in fns)
+        if kind in ("or", "not"):
+            fns = [self._compile(n) for n in node[1:]]
+            if any(f is None for f in fns):
+                return None
+            if kind == "not":
+                return lambda e: not fns[0](e)
+            return lambda e: fns[0](e) or fns[1](e)
+        if kind == "flag":
+            letter, want = node[1], node[2]
+            return (lambda e: letter in e.flags) if want else (lambda e: letter not in e.flags)
+        if kind in ("all", "keyword", "recent", "new", "old", "larger", "smaller", "seq",
+                    "uid") or (kind == "date" and node[1] == "internal"):
+            return lambda e: self._eval(node, e, _NO_CONTENT)
+        return None
 
     def _eval(self, node: Node, entry: MessageEntry, lazy: _Lazy) -> bool:
         kind = node[0]
@@ -282,3 +310,6 @@ class _Lazy:
             part = self.part()
             self._body = body_text(part.whole) if part else ""
         return self._body
+
+
+_NO_CONTENT = _Lazy(lambda: None)
