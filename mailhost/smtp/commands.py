@@ -470,6 +470,7 @@ class CommandsMixin:
             return
         stored, queue_id = result
         self.message_count += 1
+        self.command_count = 0
         log.info("smtp message accepted session={session} client_ip={client_ip} "
                  "helo={helo} tls={tls} from={sender} to={recipients} size={size} "
                  "message_id={message_id} id={txid}", event="smtp.accepted",

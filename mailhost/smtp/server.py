@@ -63,6 +63,8 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
         self._acquired = False
         self._session_timer: Any = None
         self.bad_commands = 0
+        #: commands since the last accepted message ([limits] commands_per_session):
+        #: bounds junk (NOOP/RSET/VRFY loops) without cutting long, productive sessions
         self.command_count = 0
         self.message_count = 0
         self.reset_session_state()
@@ -244,8 +246,6 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
             return
         if self.bad_commands >= self.limits.bad_commands:
             self._shutdown(Reply(421, "4.7.0", "Error: too many errors"))
-        elif self.command_count > self.limits.commands_per_session:
-            self._shutdown(Reply(421, "4.7.0", "Error: too many commands"))
 
     def _data_chunk(self) -> bool:
         """Consume complete DATA lines; True if the final dot was seen (RFC 5321 §4.1.1.4).
@@ -348,6 +348,9 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
 
     def _dispatch(self, line: bytes) -> None:
         self.command_count += 1
+        if self.command_count > self.limits.commands_per_session:
+            self._shutdown(Reply(421, "4.7.0", "Error: too many commands"))
+            return
         if self.mode == AUTH:
             self._guarded(self.auth_response, line)
         else:

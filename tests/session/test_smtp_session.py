@@ -31,6 +31,7 @@ bad_commands = 10
 idle_timeout = 60
 session_length = 600
 connections_per_ip = 2
+commands_per_session = 10000
 """
 
 
@@ -499,4 +500,17 @@ def test_mx_role_auth_disabled_unless_configured():
     talk(proto, transport, b"EHLO c\r\n")
     assert talk(proto, transport, b"AUTH PLAIN AAAA\r\n") == [
         b"530 5.7.0 Must issue a STARTTLS command first"]
+    proto.connectionLost(None)
+
+
+def test_command_limit_counts_commands_since_last_message():
+    ctx, proto, transport = connect(Ctx(commands_per_session=6))
+    message = (b"MAIL FROM:<a@b.example>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n"
+               b"x\r\n.\r\n")
+    talk(proto, transport, b"EHLO c\r\n")
+    for _ in range(5):  # 3 commands each, but every message resets the count
+        assert talk(proto, transport, message)[-1].startswith(b"250 2.0.0 Ok: queued")
+    replies = talk(proto, transport, b"NOOP\r\n" * 8)
+    assert replies[-1] == b"421 mx.example.org 4.7.0 Error: too many commands"
+    assert replies[:-1] == [b"250 2.0.0 Ok"] * 6
     proto.connectionLost(None)
