@@ -361,3 +361,26 @@ def test_failed_logins_are_delayed(tmp_path):
         yield srv.stop()
         for call in clock.getDelayedCalls():
             call.cancel()
+
+
+@pytest_twisted.inlineCallbacks
+def test_smtp_auth_on_mx_role_when_enabled(tmp_path):
+    srv = yield defer.ensureDeferred(mx_server(
+        tmp_path, extra=LIMITS + AUTH + "smtp_auth = true\n", queue=FakeQueue()))
+    try:
+        def run():
+            with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=10) as s:
+                s.ehlo("laptop")
+                assert not s.has_extn("auth")  # only under TLS
+                s.starttls(context=srv.client_tls())
+                s.ehlo("laptop")
+                assert s.has_extn("auth")
+                s.login("alice@example.org", PASSWORD)
+                return s.sendmail("alice@example.org", ["friend@remote.test"], BODY)
+
+        assert (yield in_thread(run)) == {}
+        [(sender, rcpts, _params, data)] = srv.ctx.queue.entries
+        assert rcpts == ["friend@remote.test"] and b"with ESMTPSA" in data
+    finally:
+        yield defer.ensureDeferred(settle(srv))
+        yield srv.stop()
