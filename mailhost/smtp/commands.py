@@ -181,6 +181,14 @@ class CommandsMixin:
         self.reply(221, "2.0.0", "Bye")
         self._close()
 
+    def do_GET(self, rest: bytes) -> None:  # noqa: N802
+        """A web client or proxy talking to the SMTP port (cross-protocol attack): close,
+        as Postfix does for its smtpd_forbidden_commands."""
+        self.reply(221, "2.7.0", "Error: not an HTTP server, goodbye")
+        self._close()
+
+    do_POST = do_CONNECT = do_GET
+
     def do_UNKNOWN(self, rest: bytes) -> None:  # noqa: N802
         self.reply(500, "5.5.2", "Error: command not recognized")
 

@@ -514,3 +514,11 @@ def test_command_limit_counts_commands_since_last_message():
     assert replies[-1] == b"421 mx.example.org 4.7.0 Error: too many commands"
     assert replies[:-1] == [b"250 2.0.0 Ok"] * 6
     proto.connectionLost(None)
+
+
+def test_http_request_closes():
+    ctx, proto, transport = connect()
+    assert talk(proto, transport, b"POST / HTTP/1.1\r\nHost: x\r\n\r\n") == [
+        b"221 2.7.0 Error: not an HTTP server, goodbye"]
+    assert transport.disconnecting
+    proto.connectionLost(None)
