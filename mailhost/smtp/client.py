@@ -326,6 +326,36 @@ def _rcpt_params(txn: Transaction, rcpt: str, ext: dict[str, str]) -> str:
     return out + (f" ORCPT={orcpt}" if orcpt else "")
 
 
+class _Failed:
+    """A pipelined reply that failed, held until its turn comes (no unhandled errors)."""
+
+    def __init__(self, failure: Failure) -> None:
+        self.failure = failure
+
+
+def _settle(d: defer.Deferred[Reply]) -> defer.Deferred[Any]:
+    return d.addErrback(_Failed)
+
+
+async def _unsettle(d: defer.Deferred[Any]) -> Reply:
+    result = await d
+    if isinstance(result, _Failed):
+        result.failure.raiseException()
+    return result
+
+
+async def _drain(proto: SMTPReplyProtocol, pipelined: list[defer.Deferred[Any]]) -> None:
+    """Consume the replies to pipelined commands after MAIL failed; should a server have
+    answered DATA with 354 anyway, end the empty data so QUIT is read as a command."""
+    if not pipelined:
+        return
+    replies = [await d for d in pipelined]
+    last = replies[-1]
+    if isinstance(last, Reply) and last.code == 354:
+        proto.transport.write(b".\r\n")
+        await _unsettle(_settle(proto.next_reply()))
+
+
 async def run_transaction(proto: SMTPReplyProtocol, txn: Transaction) -> TransactionResult:
     """Deliver one message to one connected server.
 
@@ -348,8 +378,17 @@ async def run_transaction(proto: SMTPReplyProtocol, txn: Transaction) -> Transac
             proto.quit()
             return TransactionResult(proto.tls, {r: bad for r in txn.recipients})
         stage = "MAIL FROM"
-        reply = await proto.command(f"MAIL FROM:<{txn.sender}>{_mail_params(txn, ext)}")
+        mail_d = proto.command(f"MAIL FROM:<{txn.sender}>{_mail_params(txn, ext)}")
+        # RFC 2920 §3.1: with PIPELINING, RCPTs and DATA go out with MAIL; replies are
+        # matched to commands in order by the protocol.
+        pipelined: list[defer.Deferred[Any]] = []
+        if "PIPELINING" in ext:
+            pipelined = [_settle(proto.command(
+                f"RCPT TO:<{rcpt}>{_rcpt_params(txn, rcpt, ext)}")) for rcpt in txn.recipients]
+            pipelined.append(_settle(proto.command("DATA", timeout=min(proto.timeout, 120.0))))
+        reply = await mail_d
         if reply.code != 250:
+            await _drain(proto, pipelined)
             if reply.permanent:
                 proto.quit()
                 return TransactionResult(proto.tls, {r: reply for r in txn.recipients})
@@ -363,15 +402,21 @@ async def run_transaction(proto: SMTPReplyProtocol, txn: Transaction) -> Transac
     replies: dict[str, Reply] = {}
     try:
         stage = "RCPT TO"
-        for rcpt in txn.recipients:
-            replies[rcpt] = await proto.command(
-                f"RCPT TO:<{rcpt}>{_rcpt_params(txn, rcpt, ext)}")
+        for i, rcpt in enumerate(txn.recipients):
+            replies[rcpt] = await (_unsettle(pipelined[i]) if pipelined else proto.command(
+                f"RCPT TO:<{rcpt}>{_rcpt_params(txn, rcpt, ext)}"))
         accepted = [r for r in txn.recipients if replies[r].positive]
+        stage = "DATA"
+        if pipelined:
+            reply = await _unsettle(pipelined[-1])
+            if reply.code == 354 and not accepted:
+                proto.transport.write(b".\r\n")  # nothing to send; end the data at once
+                await proto.next_reply()
+        elif accepted:
+            reply = await proto.command("DATA", timeout=min(proto.timeout, 120.0))
         if not accepted:
             proto.quit()
             return TransactionResult(proto.tls, replies)
-        stage = "DATA"
-        reply = await proto.command("DATA", timeout=min(proto.timeout, 120.0))
         if reply.code != 354:
             replies.update({r: reply for r in accepted})
             proto.quit()

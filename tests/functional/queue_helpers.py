@@ -115,6 +115,7 @@ class FakeSMTP(LineReceiver):
         self.lines: list[bytes] = []
         self.body_bytes = 0
         self.tls = False
+        self.mail_ok = False
 
     def connectionMade(self) -> None:
         self.fake.connections += 1
@@ -164,14 +165,19 @@ class FakeSMTP(LineReceiver):
                 return self.reply("451 4.3.0 try again later")
             self.sender = cmd.split(":", 1)[1].split(">")[0].lstrip(" <")
             self.rcpts = []
+            self.mail_ok = True
             self.reply("250 2.1.0 ok")
         elif verb == "RCPT":
+            if not self.mail_ok:
+                return self.reply("503 5.5.1 need MAIL first")
             addr = cmd.split(":", 1)[1].split(">")[0].lstrip(" <")
             answer = self.b.rcpt.get(addr, "250 2.1.5 ok")
             if answer.startswith("2"):
                 self.rcpts.append(addr)
             self.reply(answer)
         elif verb == "DATA":
+            if not self.rcpts:  # RFC 2920 §3.1
+                return self.reply("554 5.5.1 no valid recipients")
             self.in_data, self.lines, self.body_bytes = True, [], 0
             self.reply("354 go ahead")
         elif verb == "RSET":
@@ -188,7 +194,7 @@ class FakeSMTP(LineReceiver):
             self.transport.abortConnection()
             return
         if line == b".":
-            self.in_data = False
+            self.in_data = self.mail_ok = False
             data = b"".join(ln + b"\n" for ln in self.lines)
             if self.b.slow:
                 return

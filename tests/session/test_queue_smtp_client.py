@@ -124,3 +124,33 @@ def test_starttls_refused_is_a_host_failure():
     assert s.reply("454 4.7.0 not now") == ["QUIT"]
     assert s.result.result.check(HostFailure)
     s.result.addErrback(lambda f: None)
+
+
+def test_pipelining_sends_mail_rcpts_and_data_together():
+    s = Session(_txn())
+    s.reply("220 hi")
+    assert s.reply("250-x", "250 PIPELINING") == [
+        "MAIL FROM:<a@example.org>", "RCPT TO:<b@dest.test>", "RCPT TO:<c@dest.test>", "DATA"]
+    assert s.reply("250 ok", "250 ok", "451 4.2.1 later", "354 go") == ["Subject: x", "hi", "."]
+    assert s.reply("250 2.0.0 queued") == ["QUIT"]
+    replies = s.result.result.replies
+    assert replies["b@dest.test"].code == 250 and replies["c@dest.test"].code == 451
+
+
+def test_pipelined_mail_failure_consumes_every_reply_before_quit():
+    s = Session(_txn())
+    s.reply("220 hi")
+    s.reply("250-x", "250 PIPELINING")
+    assert s.reply("550 5.7.1 sender refused", "503 5.5.1 no MAIL", "503 5.5.1 no MAIL",
+                   "554 5.5.1 no valid recipients") == ["QUIT"]
+    replies = s.result.result.replies
+    assert {str(r) for r in replies.values()} == {"550 5.7.1 sender refused"}
+
+
+def test_pipelined_data_accepted_without_recipients_is_ended_empty():
+    s = Session(_txn(recipients=["b@dest.test"]))
+    s.reply("220 hi")
+    s.reply("250-x", "250 PIPELINING")
+    assert s.reply("250 ok", "550 5.1.1 no", "354 go") == ["."]
+    assert s.reply("554 5.5.1 no valid recipients") == ["QUIT"]
+    assert s.result.result.replies["b@dest.test"].code == 550
