@@ -412,9 +412,10 @@ class Scheduler:
             self._scanning = False
 
     async def _scan_once(self) -> None:
+        known = set(self.entries)  # entries committed during the scan are not judged
         on_disk, requests = await self.spool.scan()
         present = set(on_disk)
-        for qid in list(self.entries):
+        for qid in known & set(self.entries):
             if qid not in present and not self._busy.get(qid):
                 log.info("{queue_id} deleted by the operator", event="queue.deleted",
                          queue_id=qid)
