@@ -422,17 +422,8 @@ class CommandsMixin:
         sink = MessageSink(self.ctx, env)
         extra = self._submission_headers if self.account is not None else None
         self.stream = MessageStream(sink, self.limits.message_size, extra)
-        d = sink.open(return_path(env.sender_text) + b"\n" + received + b"\n",
-                      received + b"\n")
-        self.await_result(d, self._data_ready)
-
-    def _data_ready(self, result: Any) -> None:
-        if isinstance(result, Failure):  # full disk, bad permissions: 451, no traceback
-            log.failure("smtp session {session}: cannot open delivery", result,
-                        session=self.session_id)
-            self.reset_transaction()
-            self.reply(451, "4.3.0", "Error: cannot store the message, try again later")
-            return
+        sink.open(return_path(env.sender_text) + b"\n" + received + b"\n",
+                  received + b"\n")
         self.mode = smtp.DATA
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 

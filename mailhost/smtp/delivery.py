@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailhost.address import Address
 from mailhost.smtp.received import END_BODY, HEADER, HeaderScanner
@@ -33,7 +34,6 @@ class Reply:
     text: str
 
 
-TEMP_FAILURE = Reply(451, "4.3.0", "Requested action aborted: local error in processing")
 
 
 @attrs.define
@@ -53,7 +53,15 @@ class Envelope:
 
 
 class MessageSink:
-    """Writes one message into the store writer and/or the queue writer."""
+    """Writes one message into the store writer and/or the queue writer.
+
+    Creating a file in tmp/ can wait for the file system journal while other messages
+    are being fsynced, so the store writer is opened in the thread pool while the
+    client already sends the message: the first bytes wait in memory until the file is
+    open (the session stops reading once `pending_size` passes its bound). An error
+    while opening or writing is kept and reported at the final dot (451, nothing
+    delivered).
+    """
 
     def __init__(self, ctx: Any, envelope: Envelope) -> None:
         self.ctx = ctx
@@ -61,13 +69,14 @@ class MessageSink:
         self.store_writer: Any = None
         self.queue_writer: Any = None
         self.aborted = False
+        self.opening = False
+        self.error: Failure | None = None
+        self.pending_size = 0
+        self._pending: list[bytes] = []
+        self._waiters: list[defer.Deferred] = []
 
-    def open(self, store_prefix: bytes, queue_prefix: bytes) -> defer.Deferred:
-        """Open the writers and write the trace headers; Deferred, fails on error.
-
-        Creating a file in tmp/ can wait for the file system journal while other
-        messages are being fsynced, so the store writer is opened in the thread pool.
-        """
+    def open(self, store_prefix: bytes, queue_prefix: bytes) -> None:
+        """Start opening the writers and write the trace headers; never raises."""
         env = self.envelope
         try:
             if env.forward:
@@ -75,11 +84,11 @@ class MessageSink:
                 self.queue_writer = self.ctx.queue.open_entry(
                     env.sender_text, list(env.forward), params)
                 self.queue_writer.write(queue_prefix)
-        except Exception:
-            self.abort()
-            return defer.fail()
+        except Exception:  # noqa: BLE001 - reported at the final dot
+            self.error = Failure()
+            return
         if not env.mailboxes:
-            return defer.succeed(None)
+            return
 
         def open_store() -> Any:
             writer = self.ctx.store.open_delivery(list(env.mailboxes))
@@ -90,32 +99,66 @@ class MessageSink:
                 raise
             return writer
 
+        self.opening = True
         reactor = self.ctx.reactor
         if reactor is not None and hasattr(reactor, "getThreadPool"):
             d = threads.deferToThreadPool(reactor, reactor.getThreadPool(), open_store)
         else:
             d = defer.maybeDeferred(open_store)
+        d.addCallbacks(self._opened, self._open_failed)
 
-        def opened(writer: Any) -> None:
-            if self.aborted:  # the session ended meanwhile
-                writer.abort()
-            else:
-                self.store_writer = writer
+    def _opened(self, writer: Any) -> None:
+        self.opening = False
+        data = b"".join(self._pending)
+        self._pending, self.pending_size = [], 0
+        if self.aborted:  # the transaction ended meanwhile
+            writer.abort()
+        else:
+            self.store_writer = writer
+            if data and self.error is None:
+                try:
+                    writer.write(data)
+                except Exception:  # noqa: BLE001 - reported at the final dot
+                    self.error = Failure()
+        self._wake()
 
-        def failed(failure: Any) -> Any:
-            self.abort()
-            return failure
+    def _open_failed(self, failure: Failure) -> None:
+        self.opening = False
+        self._pending, self.pending_size = [], 0
+        self.error = failure
+        self._wake()
 
-        return d.addCallbacks(opened, failed)
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def when_open(self) -> defer.Deferred:
+        """A Deferred that fires once the store writer is open (or failed to open)."""
+        if not self.opening:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append(d)
+        return d
 
     def write(self, data: bytes) -> None:
-        if self.store_writer is not None:
-            self.store_writer.write(data)
-        if self.queue_writer is not None:
-            self.queue_writer.write(data)
+        if self.error is not None:
+            return
+        try:
+            if self.opening:
+                self._pending.append(data)
+                self.pending_size += len(data)
+            elif self.store_writer is not None:
+                self.store_writer.write(data)
+            if self.queue_writer is not None:
+                self.queue_writer.write(data)
+        except Exception:  # noqa: BLE001 - disk full, I/O error: 451 at the final dot
+            log.failure("writing a message failed")
+            self.error = Failure()
 
     def abort(self) -> None:
         self.aborted = True
+        self._pending, self.pending_size = [], 0
         for writer in (self.store_writer, self.queue_writer):
             if writer is not None:
                 try:
@@ -127,6 +170,11 @@ class MessageSink:
     @defer.inlineCallbacks
     def commit(self):
         """Deferred -> (stored paths, queue id); fails if any copy could not be made."""
+        yield self.when_open()
+        if self.error is not None:
+            error = self.error
+            self.abort()
+            error.raiseException()
         stored: list[Path] = []
         queue_id = None
         store_writer, queue_writer = self.store_writer, self.queue_writer
@@ -193,12 +241,7 @@ class MessageStream:
         if self.scanner.in_headers:
             lines = self._scan(lines)
         data = b"\n".join(lines) + b"\n"
-        try:
-            self.sink.write(data)
-        except Exception:  # noqa: BLE001 - disk full, I/O error: 451, nothing delivered
-            log.failure("writing a message failed")
-            self.fail(TEMP_FAILURE)
-            return
+        self.sink.write(data)  # errors are kept by the sink: 451 at the final dot
         self.written += len(data)
 
     def _scan(self, lines: list[bytes]) -> list[bytes]:
@@ -225,10 +268,5 @@ class MessageStream:
             extra = self._header_end()
             if extra:
                 data = b"\n".join(extra) + b"\n"
-                try:
-                    self.sink.write(data)
-                except Exception:  # noqa: BLE001
-                    log.failure("writing a message failed")
-                    self.fail(TEMP_FAILURE)
-                    return
+                self.sink.write(data)
                 self.written += len(data)

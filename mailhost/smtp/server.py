@@ -191,6 +191,7 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
             if self.mode == DATA:
                 try:
                     if not self._data_chunk():
+                        self._hold_while_opening()
                         break
                 except Exception:  # noqa: BLE001 - never a traceback to the client
                     log.failure("smtp session {session}: DATA failed",
@@ -293,13 +294,20 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
             self.end_of_data()
         return ended
 
+    def _hold_while_opening(self) -> None:
+        """Stop reading while too much of the message waits for its file to open."""
+        stream = self.stream
+        if stream is not None and stream.sink.opening and \
+                stream.sink.pending_size > PAUSE_INPUT * 64:
+            self.await_result(stream.sink.when_open(), lambda _result: None, pause=True)
+
     def discard_pending_input(self) -> None:
         """RFC 3207 §4.2 / CVE-2011-0411: plaintext pipelined after STARTTLS is dropped."""
         self._buf, self._pos, self._skip_line = b"", 0, False
 
     # --- asynchronous steps ----------------------------------------------------------
 
-    def await_result(self, d: defer.Deferred, on_done: Any) -> None:
+    def await_result(self, d: defer.Deferred, on_done: Any, pause: bool = False) -> None:
         """Call `on_done(result_or_failure)` when `d` fires, holding further input until
         then so pipelined commands are answered in order (Twisted issue 8126).
 
@@ -332,7 +340,7 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
         state["sync"] = False
         if not state["fired"]:
             self._waiting = True
-            if len(self._buf) - self._pos > PAUSE_INPUT:
+            if pause or len(self._buf) - self._pos > PAUSE_INPUT:
                 self._paused = True
                 self.transport.pauseProducing()
 
