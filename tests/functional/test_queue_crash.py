@@ -46,7 +46,8 @@ async def test_committed_entries_survive_kill_9(tmp_path):
                        f'[domains."example.org"]\n[queue]\nremote_port = {srv.port}\n'
                        'dns_servers = ["127.0.0.1:1"]\n')
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, config_text], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-c", CHILD, config_text], cwd=ROOT,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT)})
         child.stdin.write(MESSAGE)
         child.stdin.close()
