@@ -372,6 +372,8 @@ def main() -> int:
                 log(f"dovecot: writing {args.big} messages")
                 fill_folder(home / "Maildir" / ".Big", args.big, (pw.pw_uid, pw.pw_gid))
                 big["dovecot"] = time_big("dovecot", "127.0.0.1", args.dovecot_port, user)
+                if not args.keep_tmp:
+                    shutil.rmtree(home, ignore_errors=True)
             print()
             keys = [k for k in next(iter(big.values())) if k not in ("exists", "fetched")]
             print(f"{'big folder (' + str(args.big) + ' msgs), seconds':<40} " +
@@ -381,6 +383,9 @@ def main() -> int:
     finally:
         if mh is not None:
             mh.stop()
+        if "dovecot" in targets and not args.keep_tmp:
+            for user in users:
+                shutil.rmtree(PEER_HOMES / user, ignore_errors=True)
     return 0
 
 
