@@ -261,3 +261,21 @@ def test_many_pipelined_commands_in_one_read(ctx):
     lines = take(t)
     assert len(lines) == 5000 and lines[-1] == b"n4999 OK NOOP completed"
     proto.connectionLost(None)
+
+
+def test_idle_pushes_other_sessions_changes_at_once(ctx):
+    deliver(ctx)
+    a, ta = connect(ctx)
+    b, tb = connect(ctx)
+    for proto in (a, b):
+        proto.dataReceived(b"l LOGIN alice@example.org secret\r\ns SELECT INBOX\r\n")
+    b.dataReceived(b"i IDLE\r\n")
+    take(ta), take(tb)
+    a.dataReceived(b"x STORE 1 +FLAGS (\\Flagged)\r\n")
+    assert take(tb) == [b"* 1 FETCH (UID 1 FLAGS (\\Flagged))"]  # no clock advance needed
+    a.dataReceived(b"y STORE 1 +FLAGS.SILENT (\\Deleted)\r\nz EXPUNGE\r\n")
+    assert take(tb) == [b"* 1 FETCH (UID 1 FLAGS (\\Flagged \\Deleted))", b"* 1 EXPUNGE"]
+    b.dataReceived(b"DONE\r\n")
+    assert take(tb) == [b"i OK IDLE terminated"]
+    a.connectionLost(None)
+    b.connectionLost(None)
