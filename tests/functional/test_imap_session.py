@@ -7,7 +7,6 @@ import imaplib
 import os
 import re
 import socket
-import ssl
 import time
 
 import pytest
@@ -424,10 +423,6 @@ def _sleep(seconds):
     from twisted.internet import reactor, task
 
     return task.deferLater(reactor, seconds, lambda: None)
-
-
-def test_ssl_module_available():
-    assert ssl.HAS_SNI
 
 
 @pytest_twisted.ensureDeferred
