@@ -31,7 +31,6 @@ from mailhost.store.maildir import (
     fsync_dir,
     make_maildir,
     sizes_from_name,
-    split_name,
     unique_name,
 )
 
@@ -166,24 +165,35 @@ class FolderIndex:
             elif field.startswith("N") and field[1:].isdigit():
                 self.uidnext = int(field[1:])
         complete = lines[1:-1] if not text.endswith("\n") else lines[1:]
+        by_uid, by_base, folder = self._by_uid, self._by_base, self.folder
+        empty: frozenset[str] = frozenset()
+        last = 0
+        ordered = True
         for line in complete:
             parts = line.split()
             if len(parts) < 2 or not parts[0].isdigit():
                 continue
             uid = int(parts[0])
             if parts[1] == "-":  # a removal record: "<uid> -"
-                entry = self._by_uid.pop(uid, None)
+                entry = by_uid.pop(uid, None)
                 if entry:
-                    self._by_base.pop(entry.base, None)
+                    by_base.pop(entry.base, None)
                 continue
             # subdir "" = not seen on disk yet; the first sync fills it in
-            entry = MessageEntry(uid, parts[1], "", "", frozenset(parts[2:]), self.folder)
-            self._by_uid[uid] = entry
-            self._by_base[entry.base] = entry
-            self.uidnext = max(self.uidnext, uid + 1)
+            entry = MessageEntry(uid, parts[1], "", "",
+                                 frozenset(parts[2:]) if len(parts) > 2 else empty, folder)
+            if uid in by_uid:  # a later record (keywords changed) replaces the earlier
+                by_base.pop(by_uid[uid].base, None)
+            elif uid < last:
+                ordered = False
+            by_uid[uid] = entry
+            by_base[entry.base] = entry
+            last = max(last, uid)
+        self.uidnext = max(self.uidnext, last + 1)
         if not self.uidvalidity:
             self.uidvalidity = _new_uidvalidity()
-        self._by_uid = dict(sorted(self._by_uid.items()))
+        if not ordered:
+            self._by_uid = dict(sorted(by_uid.items()))
 
     def _rewrite(self) -> None:
         """Write the whole uidlist atomically (temp, fsync, rename, fsync dir)."""
@@ -237,10 +247,11 @@ class FolderIndex:
             for sub in ("new", "cur"):
                 with os.scandir(self.folder / sub) as it:
                     for de in it:
-                        if de.name.startswith("."):
+                        name = de.name
+                        if name[0] == ".":
                             continue
-                        base, flags = split_name(de.name)
-                        present[base] = (sub, flags)
+                        base, _, info = name.partition(":")
+                        present[base] = (sub, info[2:] if info.startswith("2,") else "")
             added: list[MessageEntry] = []
             changed: list[int] = []
             for base, (sub, flags) in present.items():
