@@ -252,10 +252,8 @@ def _track_sessions(factory: Any, sessions: Any) -> None:
 
 
 def _make_queue(ctx: ServerContext) -> Any:
-    """The outbound queue service, if the queue package provides one."""
-    try:
-        from mailhost.queue.service import OutboundQueue
-    except ImportError:
-        return None
-    policy = ctx.policy
-    return OutboundQueue(ctx.config, ctx.reactor, ctx.store, policy.route_local)
+    """The outbound queue: remote recipients, forwarding aliases and our own DSNs."""
+    from mailhost.queue.service import OutboundQueue
+
+    return OutboundQueue(ctx.config, ctx.reactor, ctx.store, ctx.policy.route_local,
+                         clock=ctx.clock)

@@ -22,6 +22,10 @@ ALL_ROLES = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imap
 
 def write_config(tmp_path: Path, extra: str = "", roles=ALL_ROLES,
                  domains: str = '[domains."example.org"]\n') -> Path:
+    """Write a test config; unless `extra` sets [queue], DNS goes to a dead loopback port
+    so no test can reach the machine's resolver."""
+    if "[queue]" not in extra:
+        extra += '\n[queue]\ndns_servers = ["127.0.0.1:1"]\n'
     listen = "\n".join(f'{r} = ["tcp:0:interface=127.0.0.1"]' for r in roles)
     text = (f'hostname = "mx.example.org"\ndata_dir = "{tmp_path / "data"}"\n'
             f"[listen]\n{listen}\n{domains}\n{extra}\n")
