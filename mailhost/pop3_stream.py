@@ -15,44 +15,13 @@ from typing import Any, BinaryIO
 from twisted.internet import defer, interfaces
 from zope.interface import implementer
 
+from mailhost.wire import DotStuffer
+
 CHUNK = 1024 * 1024
 
 
-class WireEncoder:
-    """LF or CRLF line ends -> CRLF, and dot-stuffing, correct across chunk boundaries."""
-
-    def __init__(self) -> None:
-        self._at_line_start = True
-        self._held_cr = False
-
-    def encode(self, chunk: bytes) -> bytes:
-        """Convert one chunk; may hold back a trailing CR until the next chunk."""
-        if self._held_cr:
-            chunk = b"\r" + chunk
-            self._held_cr = False
-        if chunk.endswith(b"\r"):
-            # the LF that may follow is in the next chunk: decide then
-            chunk = chunk[:-1]
-            self._held_cr = True
-        if not chunk:
-            return b""
-        if b"\r" in chunk:  # rare: files written with CRLF by another tool
-            chunk = chunk.replace(b"\r\n", b"\n")
-        # RFC 1939 §3 byte-stuffing on LF lines, then LF -> CRLF (fewest passes)
-        out = chunk.replace(b"\n.", b"\n..").replace(b"\n", b"\r\n")
-        if self._at_line_start and out.startswith(b"."):
-            out = b"." + out
-        self._at_line_start = out.endswith(b"\n")
-        return out
-
-    def finish(self) -> bytes:
-        """What is still held back, plus CRLF if the message did not end with one."""
-        out = b"\r" if self._held_cr else b""
-        self._held_cr = False
-        if out or not self._at_line_start:
-            out += b"\r\n"
-        self._at_line_start = True
-        return out
+#: the POP3 name of the shared encoder (RFC 1939 §3 byte-stuffing)
+WireEncoder = DotStuffer
 
 
 class TopLimiter:

@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IReactorThreads
 from zope.interface import implementer
 
 from mailhost.interfaces import IMessageWriter
+from mailhost.store.maildir import fsync_dir
 
 ENVELOPE_VERSION = 1
 
@@ -112,14 +113,6 @@ def valid_queue_id(qid: str) -> bool:
 
 
 # --- synchronous file operations (run in a thread, or by the CLI) --------------------
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def write_atomic(tmp_dir: Path, final: Path, chunks: list[bytes] | bytes,
                  sync_dir: bool = True) -> None:

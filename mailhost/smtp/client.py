@@ -24,6 +24,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.basic import FileSender, LineReceiver
 from twisted.python.failure import Failure
 
+from mailhost.wire import TERMINATOR, DotStuffer
+
 #: bounds on what a (possibly hostile) server may send us in one reply
 MAX_REPLY_LINES = 200
 
@@ -83,40 +85,14 @@ def local_reply(code: int, status: str, text: str) -> Reply:
     return Reply(code, (f"{status} {text}",))
 
 
-class DataEncoder:
-    """Turn stored message bytes (LF line ends) into SMTP DATA (RFC 5321 §4.5.2).
+class DataEncoder(DotStuffer):
+    """Stored message bytes (LF line ends) -> SMTP DATA (RFC 5321 §4.5.2).
 
-    Line ends become CRLF and every line that starts with "." gets one more, at any
-    position in any chunk: the state (start of line, a CR split from its LF) is carried
-    from one chunk to the next. `finish` ends the data with <CRLF>.<CRLF>.
+    `finish` also ends the data with <CRLF>.<CRLF>.
     """
 
-    def __init__(self) -> None:
-        self._bol = True
-        self._cr = False
-
-    def encode(self, chunk: bytes) -> bytes:
-        if self._cr:
-            chunk = b"\r" + chunk
-            self._cr = False
-        if chunk.endswith(b"\r"):
-            chunk = chunk[:-1]
-            self._cr = True
-        if not chunk:
-            return b""
-        data = chunk.replace(b"\r\n", b"\n").replace(b"\n.", b"\n..")
-        if self._bol and data.startswith(b"."):
-            data = b"." + data
-        self._bol = data.endswith(b"\n")
-        return data.replace(b"\n", b"\r\n")
-
     def finish(self) -> bytes:
-        tail = b"\r" if self._cr else b""
-        self._cr = False
-        if tail or not self._bol:
-            tail += b"\r\n"
-        self._bol = True
-        return tail + b".\r\n"
+        return super().finish() + TERMINATOR
 
 
 def encode_data(message: bytes) -> bytes:
