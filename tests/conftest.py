@@ -18,6 +18,7 @@ async def _clean_reactor():
         await task.deferLater(reactor, 0.02, lambda: None)
     leftover = [c for c in reactor.getDelayedCalls()
                 if c.active() and "threadpool" not in repr(c.func).lower()]
+    described = [f"{c.func!r}{c.args!r}" for c in leftover]  # cancel() drops func/args
     for call in leftover:
         call.cancel()
-    assert not leftover, f"test left delayed calls behind: {[(c, c.func, c.args) for c in leftover]}"
+    assert not leftover, f"test left delayed calls behind: {described}"

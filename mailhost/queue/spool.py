@@ -169,6 +169,11 @@ class SpoolFiles:
         write_atomic(self.tmp, self.data_path(env.id), chunks, sync_dir=False)
         write_atomic(self.tmp, self.envelope_path(env.id), env.to_json())
 
+    def write_entry_from(self, env: Envelope, data_file: Path) -> None:
+        """Commit a new entry whose data is already fsynced in `data_file` (in tmp/)."""
+        os.rename(data_file, self.data_path(env.id))
+        write_atomic(self.tmp, self.envelope_path(env.id), env.to_json())
+
     def save_envelope(self, env: Envelope) -> bool:
         """Rewrite an envelope; False (and nothing written) if the entry was deleted."""
         if not self.envelope_path(env.id).exists():
@@ -223,19 +228,27 @@ class SpoolFiles:
 
 # --- the reactor-side spool -----------------------------------------------------------
 
+#: bytes a queue entry keeps in memory before it spills to a file in tmp/
+SPILL_SIZE = 256 * 1024
+
+
 @implementer(IMessageWriter)
 class SpoolWriter:
     """A queue entry being received; `commit` makes it durable, then hands it on.
 
-    Bytes are buffered in memory (the message size is bounded by the SMTP server) and
-    written, fsynced and renamed in a worker thread at commit, so the reactor never
-    blocks on the disk.
+    Small messages are buffered in memory; past `SPILL_SIZE` the bytes go to a file in
+    tmp/ (page-cache writes, like Maildir delivery), so a large message is never held
+    whole. The fsyncs and renames run in a worker thread at commit, so the reactor
+    never blocks on the disk.
     """
 
     def __init__(self, spool: Spool, envelope: Envelope) -> None:
         self._spool = spool
         self.envelope = envelope
         self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._file: Any = None
+        self._tmp: Path | None = None
         self.size = 0
         self._done = False
 
@@ -243,7 +256,20 @@ class SpoolWriter:
         if self._done:
             raise RuntimeError("queue entry already committed or aborted")
         self._chunks.append(bytes(data))
+        self._buffered += len(data)
         self.size += len(data)
+        if self._buffered > SPILL_SIZE:
+            self._spill()
+
+    def _spill(self) -> None:
+        if self._file is None:
+            files = self._spool.files
+            if not files.tmp.is_dir():
+                files.ensure()
+            self._tmp = files.tmp / f"{self.envelope.id}.msg.{secrets.token_hex(4)}.tmp"
+            self._file = open(self._tmp, "xb", buffering=1 << 20)  # noqa: SIM115
+        self._file.writelines(self._chunks)
+        self._chunks, self._buffered = [], 0
 
     def commit(self) -> defer.Deferred[str]:
         """Fires with the queue id once data and envelope are fsynced and renamed."""
@@ -252,13 +278,44 @@ class SpoolWriter:
         self._done = True
         self.envelope.size = self.size
         chunks, self._chunks = self._chunks, []
-        d = self._spool.in_thread(self._spool.files.write_entry, self.envelope, chunks)
+        files = self._spool.files
+        if self._file is None:
+            d = self._spool.in_thread(files.write_entry, self.envelope, chunks)
+        else:
+            f, tmp, self._file = self._file, self._tmp, None
+
+            def finish_file() -> None:
+                try:
+                    f.writelines(chunks)
+                    f.flush()
+                    os.fsync(f.fileno())
+                finally:
+                    f.close()
+                try:
+                    files.write_entry_from(self.envelope, tmp)
+                except OSError:
+                    _unlink_quietly(tmp)
+                    raise
+
+            d = self._spool.in_thread(finish_file)
         d.addCallback(lambda _: self._spool.committed(self.envelope))
         return d
 
     def abort(self) -> None:
         self._done = True
         self._chunks = []
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            _unlink_quietly(self._tmp)
+
+
+def _unlink_quietly(path: Path | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 class Spool:

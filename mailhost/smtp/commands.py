@@ -457,7 +457,7 @@ class CommandsMixin:
             self.send_reply(stream.failure)
             return
         txid = self.transaction_id
-        d = self.ctx.inflight.track(stream.sink.commit())
+        d = stream.sink.commit()  # in ctx.inflight since DATA (MessageSink)
         self.await_result(d, lambda result: self._committed(env, stream, txid, result))
 
     def _committed(self, env: Envelope, stream: MessageStream, txid: str,

@@ -74,6 +74,12 @@ class MessageSink:
         self.pending_size = 0
         self._pending: list[bytes] = []
         self._waiters: list[defer.Deferred] = []
+        # the transaction is in flight from DATA to its final reply: shutdown waits for it
+        self._in_flight: defer.Deferred = ctx.inflight.track(defer.Deferred())
+
+    def _settled(self) -> None:
+        if not self._in_flight.called:
+            self._in_flight.callback(None)
 
     def open(self, store_prefix: bytes, queue_prefix: bytes) -> None:
         """Start opening the writers and write the trace headers; never raises."""
@@ -157,6 +163,7 @@ class MessageSink:
             self.error = Failure()
 
     def abort(self) -> None:
+        self._settled()
         self.aborted = True
         self._pending, self.pending_size = [], 0
         for writer in (self.store_writer, self.queue_writer):
@@ -167,9 +174,17 @@ class MessageSink:
                     log.failure("aborting a message writer failed")
         self.store_writer = self.queue_writer = None
 
-    @defer.inlineCallbacks
-    def commit(self):
+    def commit(self) -> defer.Deferred:
         """Deferred -> (stored paths, queue id); fails if any copy could not be made."""
+
+        def settled(result: Any) -> Any:
+            self._settled()
+            return result
+
+        return self._commit().addBoth(settled)
+
+    @defer.inlineCallbacks
+    def _commit(self):
         yield self.when_open()
         if self.error is not None:
             error = self.error

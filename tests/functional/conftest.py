@@ -22,10 +22,11 @@ ALL_ROLES = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imap
 
 def write_config(tmp_path: Path, extra: str = "", roles=ALL_ROLES,
                  domains: str = '[domains."example.org"]\n') -> Path:
-    """Write a test config; unless `extra` sets [queue], DNS goes to a dead loopback port
-    so no test can reach the machine's resolver."""
+    """Write a test config. Unless `extra` sets [queue], outbound mail goes to a smarthost
+    on a dead loopback port: it stays queued, and no test touches DNS or the network."""
     if "[queue]" not in extra:
-        extra += '\n[queue]\ndns_servers = ["127.0.0.1:1"]\n'
+        extra += ('\n[queue]\nsmarthost = "127.0.0.1:1"\nsmarthost_tls = "none"\n'
+                  'dns_servers = ["127.0.0.1:1"]\n')
     listen = "\n".join(f'{r} = ["tcp:0:interface=127.0.0.1"]' for r in roles)
     text = (f'hostname = "mx.example.org"\ndata_dir = "{tmp_path / "data"}"\n'
             f"[listen]\n{listen}\n{domains}\n{extra}\n")
@@ -69,12 +70,22 @@ class RunningServer:
         ctx.check_hostname = False
         return ctx
 
+    def port_of(self, role: str, index: int = 0) -> defer.Deferred:
+        """A Deferred of the port number of one listener (the first of a role)."""
+        listening: defer.Deferred = defer.Deferred()
+
+        def got(port):
+            listening.callback(port.getHost().port)
+            return port  # the service needs the port back to stop listening at the end
+
+        self.service.listeners[role][index]._waitingForPort.addCallback(got)
+        return listening
+
     @defer.inlineCallbacks
     def start(self):
         self.service.startService()
-        for role, services in self.service.listeners.items():
-            port = yield services[0]._waitingForPort
-            self.ports[role] = port.getHost().port
+        for role in self.service.listeners:
+            self.ports[role] = yield self.port_of(role)
 
     def stop(self):
         return defer.maybeDeferred(self.service.stopService)

@@ -219,3 +219,56 @@ def test_json_log_lines_for_log_shippers(tmp_path):
                 and "hostname" in e]
     assert starting and starting[0]["hostname"] == "mx.example.org"
     assert proc.returncode == 0
+
+
+def _tls_session(port: int):
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock = ctx.wrap_socket(raw)
+    assert sock.recv(512).startswith(b"220")
+    return sock, sock.getpeercert(binary_form=True)
+
+
+def test_sighup_reloads_the_certificate_without_dropping_sessions(tmp_path):
+    from mailhost.tls import create_self_signed
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    create_self_signed(cert, key, "old.example.org")
+    port = _free_port()
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'hostname = "mx.example.org"\ndata_dir = "data"\n'
+                   f'[listen]\nsubmissions = ["tcp:{port}:interface=127.0.0.1"]\n'
+                   f'[tls]\ncertificate = "{cert}"\nprivate_key = "{key}"\n'
+                   '[domains."example.org"]\n')
+    proc = _twistd("--config", str(cfg), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                old_session, old_cert = _tls_session(port)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        create_self_signed(cert, key, "new.example.org")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while True:
+            new_session, new_cert = _tls_session(port)
+            new_session.close()
+            if new_cert != old_cert or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert new_cert != old_cert
+        old_session.sendall(b"NOOP\r\n")  # the session from before the reload lives on
+        assert old_session.recv(512).startswith(b"250")
+        old_session.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert "certificate reloaded" in out
+    assert proc.returncode == 0, out

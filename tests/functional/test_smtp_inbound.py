@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import smtplib
 import socket
 
@@ -37,38 +38,9 @@ connections_per_ip = 5
 BODY = b"Subject: test\r\nMessage-ID: <m1@client.test>\r\n\r\nHello there.\r\n"
 
 
-class FakeQueue:
-    """Records queue entries (the queue engineer's OutboundQueue has the same contract)."""
-
-    def __init__(self, fail: bool = False) -> None:
-        self.entries: list[tuple[str, list[str], dict, bytes]] = []
-        self.fail = fail
-
-    def open_entry(self, sender, recipients, params):
-        queue = self
-
-        class Writer:
-            data = b""
-
-            def write(self, data: bytes) -> None:
-                self.data += data
-
-            def commit(self):
-                if queue.fail:
-                    return defer.fail(OSError("queue disk full"))
-                queue.entries.append((sender, list(recipients), params, self.data))
-                return defer.succeed(f"Q{len(queue.entries)}")
-
-            def abort(self) -> None:
-                self.data = b""
-
-        return Writer()
-
-
-async def mx_server(tmp_path, extra: str = LIMITS, queue=None, clock=None, roles=SMTP_ROLES,
+async def mx_server(tmp_path, extra: str = LIMITS, clock=None, roles=SMTP_ROLES,
                     domains: str = DOMAINS):
     srv = await start_server(tmp_path, extra=extra, roles=roles, domains=domains, clock=clock)
-    srv.ctx.queue = queue
     for user in ("alice@example.org", "bob@example.org"):
         srv.add_user(user)
     return srv
@@ -219,7 +191,7 @@ def test_no_open_relay_from_ipv6_loopback(tmp_path):
                                                    queue_available=True)
         assert (decision.accepted, decision.code, decision.status) == (False, 554, "5.7.1")
         if have_v6:
-            port = (yield srv.service.listeners["smtp"][1]._waitingForPort).getHost().port
+            port = yield srv.port_of("smtp", 1)
 
             def relay_v6():
                 with smtplib.SMTP("::1", port, timeout=10) as s:
@@ -266,21 +238,21 @@ def test_catch_all(mx):
     assert len(messages(mx, "alice@example.org")) == 1
 
 
-@pytest_twisted.inlineCallbacks
-def test_alias_with_remote_target_needs_queue(mx):
-    code, text = yield in_thread(smtp_error, send, mx.ports["smtp"], "s@remote.test",
-                                 ["fwd@example.org"])
-    assert code == 451 and text.startswith(b"4.3.0")
-    assert messages(mx, "alice@example.org") == []
+def queued(srv) -> list[tuple[dict, bytes]]:
+    """The entries in the real outbound queue: (JSON envelope, message bytes)."""
+    root = srv.data_dir / "queue"
+    return [(json.loads(p.read_text()), p.with_suffix(".msg").read_bytes())
+            for p in sorted(root.glob("*.json"))]
 
 
 @pytest_twisted.inlineCallbacks
 def test_local_and_remote_copies(mx):
-    mx.ctx.queue = FakeQueue()
+    """A forwarding alias: the local copy in the Maildir, the remote one in the queue."""
     yield in_thread(send, mx.ports["smtp"], "s@remote.test", ["fwd@example.org"])
     [msg] = messages(mx, "alice@example.org")
-    [(sender, rcpts, params, data)] = mx.ctx.queue.entries
-    assert (sender, rcpts) == ("s@remote.test", ["friend@remote.test"])
+    [(envelope, data)] = queued(mx)
+    assert envelope["sender"] == "s@remote.test"
+    assert [r["address"] for r in envelope["recipients"]] == ["friend@remote.test"]
     assert data.startswith(b"Received: from client.test")  # no Return-Path when relaying
     assert msg.startswith(b"Return-Path: <s@remote.test>\n")
     assert data.endswith(b"Hello there.\n")
@@ -288,11 +260,16 @@ def test_local_and_remote_copies(mx):
 
 @pytest_twisted.inlineCallbacks
 def test_queue_failure_delivers_nothing(mx):
-    mx.ctx.queue = FakeQueue(fail=True)
+    """The queue cannot write (its tmp/ is not a directory): 451, and no local copy."""
+    tmp = mx.data_dir / "queue" / "tmp"
+    tmp.rmdir()
+    tmp.write_bytes(b"in the way")
     code, text = yield in_thread(smtp_error, send, mx.ports["smtp"], "s@remote.test",
                                  ["fwd@example.org"])
     assert code == 451 and text.startswith(b"4.3.0")
     assert messages(mx, "alice@example.org") == []
+    tmp.unlink()
+    tmp.mkdir()
 
 
 @pytest_twisted.inlineCallbacks

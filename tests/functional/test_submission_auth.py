@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import smtplib
 
 import pytest_twisted
@@ -12,10 +13,10 @@ from twisted.internet import defer, task
 from tests.functional.conftest import in_thread
 from tests.functional.test_smtp_inbound import (
     LIMITS,
-    FakeQueue,
     Raw,
     messages,
     mx_server,
+    queued,
     settle,
     smtp_error,
     survives,
@@ -36,7 +37,7 @@ BODY = b"Subject: from a user\r\n\r\nHi.\r\n"
 
 @pytest_twisted.async_yield_fixture
 async def sub(tmp_path):
-    srv = await mx_server(tmp_path, extra=LIMITS + AUTH, queue=FakeQueue())
+    srv = await mx_server(tmp_path, extra=LIMITS + AUTH)
     yield srv
     await settle(srv)
     await srv.stop()
@@ -73,8 +74,9 @@ def test_starttls_login_and_send(sub):
     assert b"\nDate: " in msg and b"\nMessage-ID: <" in msg  # RFC 6409 §8
     header, _, body = msg.partition(b"\n\n")
     assert b"Message-ID" in header and body == b"Hi.\n"
-    [(sender, rcpts, _params, data)] = sub.ctx.queue.entries
-    assert (sender, rcpts) == ("alice@example.org", ["friend@remote.test"])
+    [(envelope, data)] = queued(sub)
+    assert envelope["sender"] == "alice@example.org"
+    assert [r["address"] for r in envelope["recipients"]] == ["friend@remote.test"]
     assert b"Message-ID: <" in data and not data.startswith(b"Return-Path")
 
 
@@ -179,16 +181,19 @@ def test_sender_must_be_owned(sub):
 
 
 @pytest_twisted.inlineCallbacks
-def test_remote_recipient_without_queue_451(sub):
-    sub.ctx.queue = None
-
+def test_remote_recipient_goes_to_the_queue(sub):
     def run():
         with submission(sub) as s:
-            s.mail("alice@example.org")
-            return s.rcpt("friend@remote.test")
+            return s.sendmail("alice@example.org", ["friend@remote.test"],
+                              b"Subject: out\r\n\r\nbye\r\n")
 
-    code, text = yield in_thread(run)
-    assert code == 451 and text.startswith(b"4.3.0")
+    assert (yield in_thread(run)) == {}
+    (envelope,) = (sub.data_dir / "queue").glob("*.json")
+    entry = json.loads(envelope.read_text())
+    assert entry["sender"] == "alice@example.org"
+    assert [r["address"] for r in entry["recipients"]] == ["friend@remote.test"]
+    data = envelope.with_suffix(".msg").read_bytes()
+    assert b"with ESMTPSA" in data and b"\nDate: " in data and b"\nMessage-ID: <" in data
 
 
 @pytest_twisted.inlineCallbacks
@@ -366,7 +371,7 @@ def test_failed_logins_are_delayed(tmp_path):
 @pytest_twisted.inlineCallbacks
 def test_smtp_auth_on_mx_role_when_enabled(tmp_path):
     srv = yield defer.ensureDeferred(mx_server(
-        tmp_path, extra=LIMITS + AUTH + "smtp_auth = true\n", queue=FakeQueue()))
+        tmp_path, extra=LIMITS + AUTH + "smtp_auth = true\n"))
     try:
         def run():
             with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=10) as s:
@@ -379,8 +384,9 @@ def test_smtp_auth_on_mx_role_when_enabled(tmp_path):
                 return s.sendmail("alice@example.org", ["friend@remote.test"], BODY)
 
         assert (yield in_thread(run)) == {}
-        [(sender, rcpts, _params, data)] = srv.ctx.queue.entries
-        assert rcpts == ["friend@remote.test"] and b"with ESMTPSA" in data
+        [(envelope, data)] = queued(srv)
+        assert [r["address"] for r in envelope["recipients"]] == ["friend@remote.test"]
+        assert b"with ESMTPSA" in data
     finally:
         yield defer.ensureDeferred(settle(srv))
         yield srv.stop()

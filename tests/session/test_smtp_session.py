@@ -327,6 +327,7 @@ def test_reply_only_after_commit_and_failure_451():
     ctx.store.commit_with = defer.Deferred()
     talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n"
                            b"RCPT TO:<alice@example.org>\r\nDATA\r\n")
+    assert len(ctx.inflight) == 1  # from DATA on, shutdown waits for this transaction
     assert talk(proto, transport, b"x\r\n.\r\nNOOP\r\n") == []
     assert len(ctx.inflight) == 1
     ctx.store.commit_with.errback(OSError("disk on fire"))

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import pytest_twisted
+
 from mailhost.queue.scheduler import retry_delay
-from mailhost.queue.spool import Envelope, Recipient, SpoolFiles, new_queue_id, valid_queue_id
+from mailhost.queue.spool import (
+    SPILL_SIZE,
+    Envelope,
+    Recipient,
+    Spool,
+    SpoolFiles,
+    new_queue_id,
+    valid_queue_id,
+)
 
 
 def _env() -> Envelope:
@@ -67,3 +77,33 @@ def test_retry_schedule_grows_and_caps():
     schedule = (300, 600, 1200, 2400, 4800, 9600, 14400)
     assert [retry_delay(schedule, n) for n in (1, 2, 3, 7, 8, 50)] == [
         300, 600, 1200, 14400, 14400, 14400]
+
+
+@pytest_twisted.inlineCallbacks
+def test_large_entry_spills_to_disk_and_commits_byte_identical(tmp_path):
+    from twisted.internet import reactor
+
+    committed = []
+    spool = Spool(tmp_path / "queue", reactor, on_commit=committed.append)
+    spool.files.ensure()
+    writer = spool.open_entry(_env())
+    line = b"0123456789" * 10 + b"\n"
+    for _ in range(4000):  # ~400 KiB, past SPILL_SIZE
+        writer.write(line)
+    assert writer._file is not None and writer._buffered <= SPILL_SIZE
+    qid = yield writer.commit()
+    assert spool.files.read_data(qid) == line * 4000
+    assert list(spool.files.tmp.iterdir()) == []
+    assert committed and committed[0].size == len(line) * 4000
+
+
+def test_aborted_spilled_entry_leaves_nothing(tmp_path):
+    from twisted.internet import reactor
+
+    spool = Spool(tmp_path / "queue", reactor)
+    spool.files.ensure()
+    writer = spool.open_entry(_env())
+    writer.write(b"x" * (SPILL_SIZE + 1))
+    writer.abort()
+    assert list(spool.files.tmp.iterdir()) == []
+    assert list(spool.files.ids()) == []
