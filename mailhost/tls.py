@@ -67,22 +67,28 @@ def certificate_paths(tls_config, tls_dir: Path, hostname: str) -> tuple[Path, P
 
 
 def load_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
-    """Build server CertificateOptions from a PEM chain and key (TLS >= 1.2)."""
+    """Build server CertificateOptions from a PEM chain (leaf first) and key (TLS >= 1.2).
+
+    The context is built once here, so a key that does not match the certificate is an
+    error at startup (or at reload), not at the first handshake.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         chain_pem = cert_path.read_bytes()
         key_pem = key_path.read_bytes()
     except OSError as e:
         raise TLSConfigError(f"cannot read {e.filename}: {e.strerror}") from None
     try:
-        certs = ssl.Certificate.loadPEM(chain_pem)
-        blocks = [b + b"-----END CERTIFICATE-----\n"
-                  for b in chain_pem.split(b"-----END CERTIFICATE-----")[:-1]]
-        extra = [ssl.Certificate.loadPEM(b).original for b in blocks[1:]]
-        key = ssl.PrivateCertificate.loadPEM(key_pem + chain_pem).privateKey
-        return ssl.CertificateOptions(
-            privateKey=key.original, certificate=certs.original, extraCertChain=extra,
+        chain = x509.load_pem_x509_certificates(chain_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        options = ssl.CertificateOptions(
+            privateKey=key, certificate=chain[0], extraCertChain=chain[1:],
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
-    except Exception as e:  # noqa: BLE001 - OpenSSL raises several types for bad PEM
+        options.getContext()
+        return options
+    except Exception as e:  # noqa: BLE001 - cryptography/OpenSSL raise several types
         raise TLSConfigError(f"cannot use certificate {cert_path} / key {key_path}: "
                              f"{e}") from None
 
