@@ -157,15 +157,21 @@ class OutboundQueue(service.Service):
         def loaded(envelopes: list[Envelope]) -> None:
             log.info("queue loaded: {count} entries", event="queue.loaded",
                      count=len(envelopes))
-            self.scheduler.start(envelopes)
+            if self.running:  # a stop during the load must not start the scheduler after it
+                self.scheduler.start(envelopes)
             self.ready.callback(None)
 
         d.addCallback(loaded)
+        self._loading = d
         d.addErrback(lambda f: (log.failure("queue could not be loaded", f),
                                 self.ready.errback(f)))
 
     def stopService(self) -> defer.Deferred[None]:  # noqa: N802 - Twisted API
         super().stopService()
+        loading = getattr(self, "_loading", None)
+        if loading is not None and not loading.called:
+            # wait for the load to finish (it will not start the scheduler), then stop
+            return loading.addBoth(lambda _: self.scheduler.stop())
         d = self.scheduler.stop()
         grace = float(self.config.limits.shutdown_grace)
         d.addTimeout(grace, self.reactor)

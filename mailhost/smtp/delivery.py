@@ -55,12 +55,10 @@ class Envelope:
 class MessageSink:
     """Writes one message into the store writer and/or the queue writer.
 
-    Creating a file in tmp/ can wait for the file system journal while other messages
-    are being fsynced, so the store writer is opened in the thread pool while the
-    client already sends the message: the first bytes wait in memory until the file is
-    open (the session stops reading once `pending_size` passes its bound). An error
-    while opening or writing is kept and reported at the final dot (451, nothing
-    delivered).
+    Both writers buffer small messages and do their file work in a worker thread at
+    commit (creating a file can wait for the file system journal, which must not stall
+    the reactor). An error while opening or writing is kept and reported at the final
+    dot (451, nothing delivered).
     """
 
     def __init__(self, ctx: Any, envelope: Envelope) -> None:
@@ -69,11 +67,7 @@ class MessageSink:
         self.store_writer: Any = None
         self.queue_writer: Any = None
         self.aborted = False
-        self.opening = False
         self.error: Failure | None = None
-        self.pending_size = 0
-        self._pending: list[bytes] = []
-        self._waiters: list[defer.Deferred] = []
         # the transaction is in flight from DATA to its final reply: shutdown waits for it
         self._in_flight: defer.Deferred = ctx.inflight.track(defer.Deferred())
 
@@ -96,65 +90,20 @@ class MessageSink:
         if not env.mailboxes:
             return
 
-        def open_store() -> Any:
-            writer = self.ctx.store.open_delivery(list(env.mailboxes))
-            try:
-                writer.write(store_prefix)
-            except Exception:
-                writer.abort()
-                raise
-            return writer
-
-        self.opening = True
-        reactor = self.ctx.reactor
-        if reactor is not None and hasattr(reactor, "getThreadPool"):
-            d = threads.deferToThreadPool(reactor, reactor.getThreadPool(), open_store)
-        else:
-            d = defer.maybeDeferred(open_store)
-        d.addCallbacks(self._opened, self._open_failed)
-
-    def _opened(self, writer: Any) -> None:
-        self.opening = False
-        data = b"".join(self._pending)
-        self._pending, self.pending_size = [], 0
-        if self.aborted:  # the transaction ended meanwhile
-            writer.abort()
-        else:
-            self.store_writer = writer
-            if data and self.error is None:
-                try:
-                    writer.write(data)
-                except Exception:  # noqa: BLE001 - reported at the final dot
-                    self.error = Failure()
-        self._wake()
-
-    def _open_failed(self, failure: Failure) -> None:
-        self.opening = False
-        self._pending, self.pending_size = [], 0
-        self.error = failure
-        self._wake()
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(None)
-
-    def when_open(self) -> defer.Deferred:
-        """A Deferred that fires once the store writer is open (or failed to open)."""
-        if not self.opening:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.append(d)
-        return d
+        try:  # cheap: the store creates the file at commit, in a worker thread
+            self.store_writer = self.ctx.store.open_delivery(list(env.mailboxes))
+            self.store_writer.write(store_prefix)
+        except Exception:  # noqa: BLE001 - disk trouble: 451 at the final dot
+            if self.store_writer is not None:
+                self.store_writer.abort()
+                self.store_writer = None
+            self.error = Failure()
 
     def write(self, data: bytes) -> None:
         if self.error is not None:
             return
         try:
-            if self.opening:
-                self._pending.append(data)
-                self.pending_size += len(data)
-            elif self.store_writer is not None:
+            if self.store_writer is not None:
                 self.store_writer.write(data)
             if self.queue_writer is not None:
                 self.queue_writer.write(data)
@@ -165,7 +114,6 @@ class MessageSink:
     def abort(self) -> None:
         self._settled()
         self.aborted = True
-        self._pending, self.pending_size = [], 0
         for writer in (self.store_writer, self.queue_writer):
             if writer is not None:
                 try:
@@ -185,7 +133,6 @@ class MessageSink:
 
     @defer.inlineCallbacks
     def _commit(self):
-        yield self.when_open()
         if self.error is not None:
             error = self.error
             self.abort()

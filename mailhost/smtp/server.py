@@ -191,7 +191,6 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
             if self.mode == DATA:
                 try:
                     if not self._data_chunk():
-                        self._hold_while_opening()
                         break
                 except Exception:  # noqa: BLE001 - never a traceback to the client
                     log.failure("smtp session {session}: DATA failed",
@@ -293,13 +292,6 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
             self._skip_line = False
             self.end_of_data()
         return ended
-
-    def _hold_while_opening(self) -> None:
-        """Stop reading while too much of the message waits for its file to open."""
-        stream = self.stream
-        if stream is not None and stream.sink.opening and \
-                stream.sink.pending_size > PAUSE_INPUT * 64:
-            self.await_result(stream.sink.when_open(), lambda _result: None, pause=True)
 
     def discard_pending_input(self) -> None:
         """RFC 3207 §4.2 / CVE-2011-0411: plaintext pipelined after STARTTLS is dropped."""

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import threads
 from zope.interface import implementer
@@ -78,12 +79,19 @@ class DeliveryError(Exception):
     """A message could not be stored; nothing was delivered."""
 
 
+#: bytes a message keeps in memory before its file in tmp/ is created
+SPILL_SIZE = 256 * 1024
+
+
 @implementer(IMessageWriter)
 class MaildirWriter:
-    """One message streamed into tmp/ of the first mailbox, linked into all on commit.
+    """One message for one or more mailboxes: written once, linked into each on commit.
 
-    `write` runs on the reactor thread into a buffered file (no fsync); `commit` does the
-    fsyncs and links in a worker thread and fires with the delivered paths.
+    Small messages stay in memory and their tmp/ file is created, written and fsynced in
+    a worker thread at commit (one thread hop per message; creating a file can wait for
+    the file system journal, which must not stall the reactor). Past `SPILL_SIZE` the
+    bytes go to the tmp/ file of the first mailbox as they arrive (page-cache writes), so
+    a large message is never held whole. `commit` fires with the delivered paths.
     """
 
     def __init__(self, reactor, mailboxes: list[Path], hostname: str,
@@ -97,24 +105,36 @@ class MaildirWriter:
         self._into = into
         self._name = unique_name(hostname)
         self._tmp = mailboxes[0] / "tmp" / self._name
-        self._file = open(self._tmp, "xb", buffering=65536)  # noqa: SIM115 - closed in commit
+        self._file: Any = None
+        self._chunks: list[bytes] = []
+        self._buffered = 0
         self.size = 0
         self._lines = 0
         self._done = False
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
+        self._chunks.append(data)
+        self._buffered += len(data)
         self.size += len(data)
         self._lines += data.count(b"\n")
+        if self._buffered > SPILL_SIZE:
+            if self._file is None:
+                self._file = open(self._tmp, "xb", buffering=1 << 20)  # noqa: SIM115
+            self._file.writelines(self._chunks)
+            self._chunks, self._buffered = [], 0
 
     def commit(self):
         return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
                                          self._commit_sync)
 
     def _commit_sync(self) -> list[Path]:
-        """Flush + fsync the file, link it into every mailbox, fsync each directory."""
+        """Write + fsync the file, link it into every mailbox, fsync each directory."""
         done: list[Path] = []
+        chunks, self._chunks = self._chunks, []
         try:
+            if self._file is None:
+                self._file = open(self._tmp, "xb")  # noqa: SIM115 - closed below
+            self._file.writelines(chunks)
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
@@ -138,7 +158,7 @@ class MaildirWriter:
                 _unlink_quietly(path)
             raise DeliveryError(f"{e.strerror or e}") from e
         finally:
-            if not self._file.closed:
+            if self._file is not None and not self._file.closed:
                 self._file.close()
             _unlink_quietly(self._tmp)
             self._done = True
@@ -147,9 +167,9 @@ class MaildirWriter:
     def abort(self) -> None:
         if not self._done:
             self._done = True
-            try:
+            self._chunks = []
+            if self._file is not None:
                 self._file.close()
-            finally:
                 _unlink_quietly(self._tmp)
 
 

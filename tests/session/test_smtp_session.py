@@ -549,42 +549,6 @@ class HeldThreadPool:
                 on_result(False, e)
 
 
-def test_354_sent_while_the_file_opens_in_a_thread():
-    ctx = Ctx()
-    ctx.reactor = HeldThreadPool()
-    _, proto, transport = connect(ctx)
-    replies = talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n"
-                   b"RCPT TO:<alice@example.org>\r\nDATA\r\nSubject: s\r\n\r\nbody\r\n")
-    assert replies[-1] == b"354 End data with <CR><LF>.<CR><LF>"
-    assert ctx.store.writers == []  # not open yet: the lines wait in memory
-    assert talk(proto, transport, b".\r\nNOOP\r\n") == []  # 250 waits for the file
-    ctx.reactor.run_all()
-    [writer] = ctx.store.writers
-    assert writer.data.startswith(b"Return-Path: <a@b.example>\n")
-    assert writer.data.endswith(b"Subject: s\n\nbody\n") and writer.committed
-    assert transport.value().split(b"\r\n")[-3:-1][1] == b"250 2.0.0 Ok"
-    proto.connectionLost(None)
-
-
-def test_reading_paused_when_much_waits_for_the_file():
-    ctx = Ctx(message_size=5000000)
-    ctx.reactor = HeldThreadPool()
-    _, proto, transport = connect(ctx)
-    talk(proto, transport, b"EHLO c\r\nMAIL FROM:<a@b.example>\r\n"
-                           b"RCPT TO:<alice@example.org>\r\nDATA\r\n")
-    chunk = (b"y" * 98 + b"\r\n") * 11000  # 1.1 MB
-    proto.dataReceived(chunk)
-    assert transport.producerState == "paused"
-    proto.dataReceived(b"z\r\n.\r\n")  # held, not processed
-    ctx.reactor.run_all()
-    assert transport.producerState == "producing"
-    [writer] = ctx.store.writers
-    assert writer.data.endswith(b"y\nz\n") and writer.committed
-    assert transport.value().endswith(b"250 2.0.0 Ok: queued as " +
-                                      proto.session_id.encode() + b"01\r\n")
-    proto.connectionLost(None)
-
-
 def test_open_failure_reported_at_the_final_dot():
     ctx = Ctx()
 

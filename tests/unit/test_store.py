@@ -145,3 +145,30 @@ def test_add_gives_a_uid_at_once(tmp_path):
     assert entry.uid == 1 and entry.size == 4 and entry.wire_size == 6
     assert entry.internaldate == 1_000_000_000
     assert entry.path.exists() and entry.path.parent.name == "cur"
+
+
+@pytest_twisted.inlineCallbacks
+def test_small_message_touches_the_disk_only_at_commit(tmp_path):
+    store = MaildirStore(tmp_path, "mx", reactor)
+    writer = store.open_delivery(["a@example.org"])
+    writer.write(b"Subject: small\n\nbody\n")
+    tmp = tmp_path / "example.org" / "a" / "tmp"
+    assert list(tmp.iterdir()) == []  # nothing created on the reactor thread
+    (path,) = yield writer.commit()
+    assert path.read_bytes() == b"Subject: small\n\nbody\n"
+
+
+@pytest_twisted.inlineCallbacks
+def test_large_message_spills_to_tmp_as_it_arrives(tmp_path):
+    from mailhost.store.maildir import SPILL_SIZE
+
+    store = MaildirStore(tmp_path, "mx", reactor)
+    writer = store.open_delivery(["a@example.org"])
+    line = b"x" * 999 + b"\n"
+    for _ in range(SPILL_SIZE // len(line) + 2):
+        writer.write(line)
+    tmp = tmp_path / "example.org" / "a" / "tmp"
+    assert len(list(tmp.iterdir())) == 1  # bytes went to disk, not memory
+    (path,) = yield writer.commit()
+    assert path.stat().st_size == writer.size
+    assert list(tmp.iterdir()) == []
