@@ -133,6 +133,10 @@ class SessionCommands:
                 plain(_b64(initial) if initial != b"=" else b"")
             else:
                 ask(b"", plain)
+        elif initial is not None and initial != b"=":
+            # RFC 4959 §3: an initial response is the mechanism's first client message;
+            # for LOGIN that is the user name (curl --sasl-ir, Dovecot accepts it too)
+            login_user(_b64(initial))
         else:
             ask(b"VXNlcm5hbWU6", login_user)
         return done
