@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -174,11 +175,16 @@ class SpoolFiles:
         os.rename(data_file, self.data_path(env.id))
         write_atomic(self.tmp, self.envelope_path(env.id), env.to_json())
 
-    def save_envelope(self, env: Envelope) -> bool:
-        """Rewrite an envelope; False (and nothing written) if the entry was deleted."""
-        if not self.envelope_path(env.id).exists():
+    def save_envelope(self, env: Envelope | str, data: bytes | None = None) -> bool:
+        """Rewrite an envelope (or the serialised `data` of entry `env`); False, and
+        nothing written, if the entry was deleted."""
+        qid = env if isinstance(env, str) else env.id
+        if data is None:
+            assert not isinstance(env, str)
+            data = env.to_json()
+        if not self.envelope_path(qid).exists():
             return False
-        write_atomic(self.tmp, self.envelope_path(env.id), env.to_json())
+        write_atomic(self.tmp, self.envelope_path(qid), data)
         return True
 
     def remove(self, qid: str) -> bool:
@@ -194,14 +200,27 @@ class SpoolFiles:
             fsync_dir(self.root)
         return existed
 
-    def clean_orphans(self) -> list[str]:
-        """Remove temp files and data files without an envelope (crash leftovers)."""
+    def clean_orphans(self, older_than: float | None = None) -> list[str]:
+        """Remove crash leftovers: temp files, and data files or envelopes without their
+        other half. Only files last changed before `older_than` (the time loading began)
+        are touched, so entries being committed right now by SMTP sessions are safe."""
+        def stale(p: Path) -> bool:
+            try:
+                return older_than is None or p.stat().st_mtime < older_than
+            except FileNotFoundError:
+                return False
+
         removed = []
         for p in list(self.tmp.glob("*")):
-            p.unlink(missing_ok=True)
-            removed.append(p.name)
+            if stale(p):
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
         for p in list(self.root.glob("*.msg")):
-            if not self.envelope_path(p.stem).exists():
+            if not self.envelope_path(p.stem).exists() and stale(p):
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+        for p in list(self.root.glob("*.json")):
+            if not self.data_path(p.stem).exists() and stale(p):
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
         return removed
@@ -341,9 +360,11 @@ class Spool:
 
     def load_all(self) -> defer.Deferred[list[Envelope]]:
         """Clean crash leftovers and read every envelope (at startup)."""
+        started = time.time()
+
         def load() -> list[Envelope]:
             self.files.ensure()
-            self.files.clean_orphans()
+            self.files.clean_orphans(older_than=started)
             return self._read_all()
         return self.in_thread(load)
 
@@ -369,7 +390,8 @@ class Spool:
         return self.in_thread(self.files.read_data, qid)
 
     def save(self, envelope: Envelope) -> defer.Deferred[bool]:
-        return self.in_thread(self.files.save_envelope, envelope)
+        # serialised here, on the reactor: the scheduler changes envelopes on this thread
+        return self.in_thread(self.files.save_envelope, envelope.id, envelope.to_json())
 
     def remove(self, qid: str) -> defer.Deferred[bool]:
         return self.in_thread(self.files.remove, qid)

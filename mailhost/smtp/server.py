@@ -276,6 +276,11 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
             if len(line) > max_line:
                 too_long = True
                 continue
+            if b"\r" in line:
+                # a bare CR becomes a line end in the stored message (a bare LF already
+                # is one), so whatever relays it later dot-stuffs what follows: no next
+                # hop can be fed an unstuffed "." line (SMTP smuggling, RFC 5321 §2.3.8)
+                line = line.replace(b"\r", b"\n")
             append(line)
         self._pos = pos
         stream.count(pos - start)

@@ -194,6 +194,8 @@ class FolderIndex:
             self.uidvalidity = _new_uidvalidity()
         if not ordered:
             self._by_uid = dict(sorted(by_uid.items()))
+        if not text.endswith("\n"):  # a torn last record: rewrite before appending
+            self._rewrite()
 
     def _rewrite(self) -> None:
         """Write the whole uidlist atomically (temp, fsync, rename, fsync dir)."""
@@ -279,7 +281,10 @@ class FolderIndex:
                 self._rewrite()
             elif records:
                 self._append(records)
-            self._dir_stamp = stamp
+            # directory mtimes are coarse: a file linked in the same tick as this scan
+            # would leave the stamp unchanged, so a fresh stamp is not trusted
+            fresh = time.time_ns() - max(stamp) < 2_000_000_000
+            self._dir_stamp = None if fresh else stamp
             changes = FolderChanges(tuple(e.uid for e in added), tuple(removed),
                                     tuple(changed))
         if changes:

@@ -200,3 +200,26 @@ def test_starttls_command_injection_discarded(mx):
     assert lines[-2].startswith(b"221")
     assert not any(line.startswith(b"250 2.1.0") for line in lines)
     yield in_thread(survives, mx)
+
+
+@pytest_twisted.inlineCallbacks
+def test_bare_cr_cannot_smuggle_a_dot_to_the_next_hop(mx):
+    """A bare CR is stored as a line end, so relaying dot-stuffs the "." after it."""
+    from mailhost.smtp.client import encode_data
+
+    def run():
+        raw = Raw(mx.ports["smtp"])
+        raw.code()
+        raw.send(b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
+                 b"DATA\r\n")
+        assert [raw.code() for _ in range(4)] == [250, 250, 250, 354]
+        raw.send(b"Subject: cr\r\n\r\nfirst\r.\rMAIL FROM:<evil@remote.test>\r\n.\r\n")
+        end = raw.code()
+        raw.send(b"QUIT\r\n")
+        return end
+
+    assert (yield in_thread(run)) == 250
+    [msg] = messages(mx, "alice@example.org")
+    assert b"\r" not in msg
+    assert msg.endswith(b"first\n.\nMAIL FROM:<evil@remote.test>\n")
+    assert b"\r\n..\r\nMAIL FROM" in encode_data(msg)

@@ -149,3 +149,4 @@ def test_wire_size_from_name_and_fallback(tmp_path):
     assert wire_size(MessageEntry(1, "1.M1.h,W=7", "new", "", folder=tmp_path)) == 7
     (tmp_path / "new" / "2.M2.h").write_bytes(b"a\nb\r\n")
     assert wire_size(MessageEntry(2, "2.M2.h", "new", "", folder=tmp_path)) == 6
+

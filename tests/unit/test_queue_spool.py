@@ -107,3 +107,22 @@ def test_aborted_spilled_entry_leaves_nothing(tmp_path):
     writer.abort()
     assert list(spool.files.tmp.iterdir()) == []
     assert list(spool.files.ids()) == []
+
+
+def test_startup_cleanup_spares_entries_committed_meanwhile(tmp_path):
+    import os
+
+    files = SpoolFiles(tmp_path)
+    files.ensure()
+    old_tmp, new_tmp = files.tmp / "old.tmp", files.tmp / "new.tmp"
+    for p in (old_tmp, new_tmp):
+        p.write_bytes(b"x")
+    os.utime(old_tmp, (1000, 1000))
+    lonely = files.envelope_path("B" * 16)  # an envelope whose data file is gone
+    lonely.write_bytes(b"{}")
+    os.utime(lonely, (1000, 1000))
+    being_committed = files.data_path("C" * 16)  # data renamed, envelope not yet written
+    being_committed.write_bytes(b"data")
+    removed = files.clean_orphans(older_than=2000)
+    assert sorted(removed) == sorted(["old.tmp", "B" * 16 + ".json"])
+    assert new_tmp.exists() and being_committed.exists()

@@ -172,3 +172,28 @@ def test_large_message_spills_to_tmp_as_it_arrives(tmp_path):
     (path,) = yield writer.commit()
     assert path.stat().st_size == writer.size
     assert list(tmp.iterdir()) == []
+
+
+def test_append_after_a_torn_line_does_not_merge_records(tmp_path):
+    folder = tmp_path / "box"
+    index = FolderIndex(folder)
+    _drop(folder, "100.a")
+    index.sync()
+    with open(folder / UIDLIST, "a") as f:
+        f.write("7 half-writ")
+    again = FolderIndex(folder)
+    _drop(folder, "101.b")
+    again.sync(force=True)
+    third = FolderIndex(folder)
+    assert [(e.uid, e.base) for e in third.messages()] == [(1, "100.a"), (2, "101.b")]
+
+
+def test_a_delivery_in_the_same_mtime_tick_is_not_missed(tmp_path):
+    folder = tmp_path / "box"
+    index = FolderIndex(folder)
+    _drop(folder, "100.a")
+    assert index.sync().added == (1,)
+    stamp = os.stat(folder / "new").st_mtime_ns
+    _drop(folder, "101.b")
+    os.utime(folder / "new", ns=(stamp, stamp))  # as if linked within the same tick
+    assert index.sync().added == (2,)
