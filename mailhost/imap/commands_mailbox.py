@@ -172,8 +172,12 @@ class MailboxCommands:
         else:
             names = list(folders.values())
         regexes = [list_pattern(reference, p) for p in patterns]
+        # RFC 6154 §3: the SPECIAL-USE selection option lists only special-use mailboxes
+        only_special = not lsub and "SPECIAL-USE" in options
         for info in names:
             if not any(r.match(info.name) for r in regexes):
+                continue
+            if only_special and not info.special_use:
                 continue
             attrs = []
             if not info.selectable:

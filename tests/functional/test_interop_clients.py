@@ -76,3 +76,39 @@ def test_imap_authenticate_login_with_initial_response(tmp_path):
         assert lines[-1].startswith(b"A002 OK")
     finally:
         yield srv.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_imap_list_special_use_selection_lists_only_special_folders(tmp_path):
+    """curl -X 'LIST (SPECIAL-USE) "" "*"' (the RFC 6154 §3 form Thunderbird-style clients
+    use) returned every folder; the selection option must keep only special-use ones,
+    while RETURN (SPECIAL-USE) keeps all folders with their attributes."""
+    srv = yield start_server(tmp_path, roles=("imaps",))
+    try:
+        srv.add_user(USER, PASSWORD)
+
+        def session() -> tuple[list[bytes], list[bytes]]:
+            c = LineClient(srv.ports["imaps"], srv.client_tls())
+            try:
+                c.line()
+                c.send(b"A1 LOGIN " + USER.encode() + b" " + PASSWORD.encode())
+                c.until(b"A1 OK")
+                c.send(b"A2 CREATE Projects")
+                c.until(b"A2 OK")
+                c.send(b'A3 LIST (SPECIAL-USE) "" "*"')
+                selected = c.until(b"A3 ")
+                c.send(b'A4 LIST "" "*" RETURN (SPECIAL-USE)')
+                returned = c.until(b"A4 ")
+                return selected, returned
+            finally:
+                c.close()
+
+        selected, returned = yield in_thread(session)
+        assert selected[-1].startswith(b"A3 OK")
+        names = [line.rsplit(b" ", 1)[1] for line in selected[:-1]]
+        assert sorted(names) == [b'"Archive"', b'"Drafts"', b'"Junk"', b'"Sent"', b'"Trash"']
+        assert all(b"\\HasNoChildren \\" in line for line in selected[:-1])
+        assert any(line.endswith(b'"Projects"') for line in returned)
+        assert any(line.endswith(b'"INBOX"') for line in returned)
+    finally:
+        yield srv.stop()
