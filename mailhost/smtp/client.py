@@ -58,7 +58,8 @@ class Reply:
 
     @property
     def positive(self) -> bool:
-        return 200 <= self.code < 400
+        """A success: only 2xx counts (a 3xx to RCPT or after the final dot is not one)."""
+        return 200 <= self.code < 300
 
     @property
     def permanent(self) -> bool:
@@ -187,6 +188,11 @@ class SMTPReplyProtocol(LineReceiver):
         return self.next_reply(timeout)
 
     def start_tls(self, context: Any) -> None:
+        """Start TLS after the 220 (RFC 3207 §4.2); anything the server sent in plaintext
+        after that reply would otherwise be read as a reply under TLS (injection)."""
+        if self.clearLineBuffer() or self._replies or self._lines:
+            raise HostFailure(local_reply(421, "4.7.0",
+                                          "server sent data after its STARTTLS reply"))
         self.transport.startTLS(context)
         self.tls = True
 
@@ -394,6 +400,8 @@ async def run_transaction(proto: SMTPReplyProtocol, txn: Transaction) -> Transac
             proto.quit()
             return TransactionResult(proto.tls, replies)
         if reply.code != 354:
+            if reply.code < 400:  # a 250 here sent no body: not a delivery (§4.1.1.4)
+                reply = local_reply(451, "4.5.0", f"unexpected reply to DATA: {reply}")
             replies.update({r: reply for r in accepted})
             proto.quit()
             return TransactionResult(proto.tls, replies)

@@ -154,3 +154,26 @@ def test_pipelined_data_accepted_without_recipients_is_ended_empty():
     assert s.reply("250 ok", "550 5.1.1 no", "354 go") == ["."]
     assert s.reply("554 5.5.1 no valid recipients") == ["QUIT"]
     assert s.result.result.replies["b@dest.test"].code == 550
+
+
+def test_250_to_data_is_not_a_delivery():
+    """Only 354 starts the body; a 250 there means nothing was sent (RFC 5321 §4.1.1.4)."""
+    s = Session(_txn(recipients=["b@dest.test"]))
+    s.reply("220 hi")
+    assert s.reply("250 hello") == ["MAIL FROM:<a@example.org>"]
+    assert s.reply("250 ok") == ["RCPT TO:<b@dest.test>"]
+    assert s.reply("250 ok") == ["DATA"]
+    assert s.reply("250 2.0.0 taken anyway") == ["QUIT"]
+    reply = s.result.result.replies["b@dest.test"]
+    assert reply.code == 451 and not reply.positive
+
+
+def test_plaintext_after_the_starttls_reply_is_refused():
+    """Replies injected after 220 in plaintext must not be read under TLS."""
+    s = Session(_txn(tls="opportunistic"))
+    s.reply("220 hi")
+    assert s.reply("250-x", "250 STARTTLS") == ["STARTTLS"]
+    s.reply("220 go ahead", "250-injected", "250 AUTH PLAIN")
+    assert s.result.result.check(HostFailure)
+    assert "after its STARTTLS reply" in str(s.result.result.value.reply)
+    s.result.addErrback(lambda f: None)
