@@ -8,7 +8,6 @@ Courier store them); only canonical forms are accepted and no name can leave the
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import threading
 from collections import OrderedDict
@@ -84,22 +83,69 @@ def validate_name(name: str) -> str:
     return name
 
 
-def list_pattern(reference: str, pattern: str) -> re.Pattern[str]:
-    """A LIST pattern (`*` any, `%` any but the delimiter, RFC 3501 §6.3.8) as a regex."""
-    full = reference + pattern
-    out = []
-    for ch in full:
-        if ch == "*":
-            out.append(".*")
-        elif ch == "%":
-            out.append("[^" + re.escape(DELIMITER) + "]*")
-        else:
-            out.append(re.escape(ch))
-    text = "".join(out)
-    if full.upper().startswith("INBOX") and not full.startswith("INBOX"):
-        text = "(?i:" + text[:5] + ")" + text[5:]
-    # INBOX matches case-insensitively
-    return re.compile("^(?:" + text + ")$")
+#: longest LIST reference + pattern accepted (the matcher is O(pattern x name))
+MAX_LIST_PATTERN = 512
+
+
+class ListPattern:
+    """A LIST pattern (RFC 3501 §6.3.8): `*` matches anything, `%` anything but the
+    hierarchy delimiter; `INBOX` matches case-insensitively.
+
+    Matched by walking the set of pattern positions over the name (an NFA), not by a
+    backtracking regex: `LIST "" "*****x"` cannot stall the server.
+    """
+
+    def __init__(self, reference: str, pattern: str) -> None:
+        full = reference + pattern
+        if len(full) > MAX_LIST_PATTERN:
+            raise CommandFailed("LIST pattern too long", "LIMIT")
+        tokens: list[str] = []
+        for ch in full:
+            if ch in "*%" and tokens and tokens[-1] in ("*", "%"):
+                # runs of wildcards collapse: "%%" is "%", any run with a "*" is "*"
+                tokens[-1] = "%" if tokens[-1] == ch == "%" else "*"
+                continue
+            tokens.append(ch)
+        self.inbox = full[:5].upper() == "INBOX"
+        if self.inbox:
+            tokens[:5] = list("INBOX")
+        self.tokens = tokens
+
+    def _closure(self, states: set[int]) -> set[int]:
+        """A wildcard may also match nothing: step over it."""
+        tokens, n = self.tokens, len(self.tokens)
+        out, stack = set(states), list(states)
+        while stack:
+            i = stack.pop()
+            if i < n and tokens[i] in ("*", "%") and i + 1 not in out:
+                out.add(i + 1)
+                stack.append(i + 1)
+        return out
+
+    def match(self, name: str) -> bool:
+        if self.inbox and name[:5].upper() == "INBOX":
+            name = "INBOX" + name[5:]
+        tokens, n = self.tokens, len(self.tokens)
+        states = self._closure({0})
+        for ch in name:
+            step: set[int] = set()
+            for i in states:
+                if i == n:
+                    continue
+                token = tokens[i]
+                if token == "*" or (token == "%" and ch != DELIMITER):
+                    step.add(i)
+                elif token == ch:
+                    step.add(i + 1)
+            if not step:
+                return False
+            states = self._closure(step)
+        return n in states
+
+
+def list_pattern(reference: str, pattern: str) -> ListPattern:
+    """The matcher for a LIST/LSUB reference and pattern."""
+    return ListPattern(reference, pattern)
 
 
 class IMAPAccount:
