@@ -18,7 +18,10 @@ from mailhost.imap.wire import nstring
 
 _LONE_LF = re.compile(rb"(?<!\r)\n")
 _HEADER_PARSER = BytesHeaderParser(policy=compat32)
-MAX_DEPTH = 20
+MAX_DEPTH = 8
+#: MIME parts parsed per message; past it the rest stays unparsed (one opaque part):
+#: a crafted message cannot make BODYSTRUCTURE cost unbounded memory and CPU
+MAX_PARTS = 1000
 
 
 def to_wire(data: bytes) -> bytes:
@@ -100,7 +103,10 @@ def select_fields(header: bytes, names: list[str], negate: bool) -> bytes:
 class Part:
     """One MIME entity: header, body, content type, children or encapsulated message."""
 
-    def __init__(self, data: bytes, default: str = "text/plain", depth: int = 0) -> None:
+    def __init__(self, data: bytes, default: str = "text/plain", depth: int = 0,
+                 budget: list[int] | None = None) -> None:
+        budget = [MAX_PARTS] if budget is None else budget
+        budget[0] -= 1
         self.header, self.body = split_header(data)
         self.fields = header_fields(self.header)
         self.msg: Message = _HEADER_PARSER.parsebytes(self.header)
@@ -110,7 +116,7 @@ class Part:
         self.maintype, self.subtype = ctype.split("/", 1)
         self.children: list[Part] = []
         self.message: Part | None = None
-        if depth >= MAX_DEPTH:
+        if depth >= MAX_DEPTH or budget[0] <= 0:
             return
         if self.maintype == "multipart":
             boundary = self.msg.get_param("boundary")
@@ -118,11 +124,11 @@ class Part:
                 boundary = boundary[2]
             if boundary:
                 child_default = "message/rfc822" if self.subtype == "digest" else "text/plain"
-                self.children = [Part(p, child_default, depth + 1)
-                                 for p in split_multipart(self.body, boundary.encode(
-                                     "utf-8", "replace"))]
+                bodies = split_multipart(self.body, boundary.encode("utf-8", "replace"))
+                self.children = [Part(p, child_default, depth + 1, budget)
+                                 for p in bodies[:max(budget[0], 1)]]
         elif self.maintype == "message" and self.subtype == "rfc822":
-            self.message = Part(self.body, "text/plain", depth + 1)
+            self.message = Part(self.body, "text/plain", depth + 1, budget)
 
     @property
     def whole(self) -> bytes:

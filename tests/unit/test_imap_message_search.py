@@ -101,3 +101,22 @@ def test_search_errors_and_needs():
     assert needs_content(parse_search(Args([b"SEEN UID 1:*"]))) == 0
     assert needs_content(parse_search(Args([b"SEEN FROM x"]))) == 1
     assert needs_content(parse_search(Args([b"OR SEEN BODY x"]))) == 2
+
+
+def test_mime_parsing_is_bounded_in_parts_and_depth():
+    from mailhost.imap.message import MAX_DEPTH, MAX_PARTS, Part
+
+    many = b"".join(b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n" for _ in range(5000))
+    msg = (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + many + b"--b--\r\n")
+    root = Part(msg)
+    assert 1 <= len(root.children) <= MAX_PARTS
+
+    def nested(level: int) -> bytes:
+        if level == 0:
+            return b"Content-Type: text/plain\r\n\r\nleaf\r\n"
+        return (b"Content-Type: message/rfc822\r\n\r\n" + nested(level - 1))
+
+    part, depth = Part(nested(50)), 0
+    while part.message is not None:
+        part, depth = part.message, depth + 1
+    assert depth == MAX_DEPTH
