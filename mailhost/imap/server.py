@@ -38,6 +38,33 @@ from mailhost.store.maildir import unique_name
 
 log = Logger(namespace="mailhost.imap")
 
+
+class LFWriter:
+    """Stores an APPEND literal with CRLF line ends as LF, the Maildir convention that
+    SMTP delivery follows too (RFC 3501 §6.3.11 literals are CRLF on the wire; readers
+    turn LF back into CRLF). A lone CR is kept; a CR at the end of one chunk is held
+    until the next shows whether an LF follows."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self._cr = False
+
+    def write(self, chunk: bytes) -> None:
+        if self._cr:
+            chunk = b"\r" + chunk
+            self._cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._cr = True
+        self._file.write(chunk.replace(b"\r\n", b"\n"))
+
+    def close(self) -> None:
+        if self._cr:
+            self._file.write(b"\r")
+            self._cr = False
+        self._file.close()
+
+
 #: pipelined input held while a command runs before we stop reading the socket
 MAX_BUFFERED = 1 << 20
 _LITERAL = re.compile(rb"\{(\d{1,12})(\+?)\}$")
@@ -240,6 +267,8 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
             self._segments.append(line)
             segments, skip, size = self._segments, self._skip_command, self._cmd_size
             self._reset_command()
+            if skip or size > self.limits.imap_command_length + self.limits.imap_literal * 4:
+                _unlink_literal_files(segments)
             if skip:
                 return
             if size > self.limits.imap_command_length + self.limits.imap_literal * 4:
@@ -266,6 +295,7 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
             problem = b"NO not authenticated"
         if problem:
             self.send(tag + b" " + problem)
+            _unlink_literal_files(self._segments)  # an APPEND message already on disk
             if plus:  # RFC 7888 §4: the data is coming anyway; swallow it
                 self._skip_command = True
                 self._start_literal(size, None)
@@ -276,7 +306,8 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
             self.send(b"+ ready for literal data")
         if message and self.account is not None:
             path = self.account.root / "tmp" / unique_name()
-            sink = open(path, "xb", buffering=65536)  # noqa: SIM115 - closed at the end
+            # closed at the end of the literal, or by _drop_literal
+            sink = LFWriter(open(path, "xb", buffering=65536))  # noqa: SIM115
             self._literal = Literal(size, path=path)
         else:
             sink = bytearray()
@@ -326,6 +357,11 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
         words = first.split(b" ", 2)
         if len(words) < 2 or words[1].upper() != b"APPEND":
             return False, False
+        if any(isinstance(seg, Literal) and seg.path is not None
+               for seg in self._segments[1:]):
+            # one message per APPEND (no MULTIAPPEND): later literals get the small cap,
+            # so one command cannot stream any number of message-sized files to disk
+            return True, False
         if len(self._segments) > 1:  # the mailbox was itself a literal
             return True, True
         return True, len(words) == 3 and bool(words[2].strip())
@@ -443,6 +479,13 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
 
 
 _SESSIONS: dict[int, Counter[str]] = {}
+
+
+def _unlink_literal_files(segments: list) -> None:
+    """Remove the tmp/ files of message literals of a command that will not run."""
+    for seg in segments:
+        if isinstance(seg, Literal) and seg.path is not None:
+            seg.path.unlink(missing_ok=True)
 
 
 class IMAPFactory(protocol.ServerFactory):

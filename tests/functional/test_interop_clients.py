@@ -5,11 +5,13 @@ needed. Each test names the client and the command line that showed the problem.
 from __future__ import annotations
 
 import base64
+import io
 import socket
 import ssl
 
 import pytest_twisted
 
+from mailhost.imap.server import LFWriter
 from tests.functional.conftest import in_thread, start_server
 
 USER = "alice@example.org"
@@ -112,3 +114,61 @@ def test_imap_list_special_use_selection_lists_only_special_folders(tmp_path):
         assert any(line.endswith(b'"INBOX"') for line in returned)
     finally:
         yield srv.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_imap_append_is_stored_with_lf_line_ends(tmp_path):
+    """mbsync (`APPEND "INBOX" {N}`) and mutt's Sent copy send CRLF messages; they were
+    stored with CRLF while SMTP delivery stores LF, so one Maildir mixed both. Stored as
+    LF now; FETCH and RFC822.SIZE still give the CRLF wire form."""
+    srv = yield start_server(tmp_path, roles=("imaps",))
+    try:
+        srv.add_user(USER, PASSWORD)
+        message = (b"From: alice@example.org\r\nSubject: local draft\r\n"
+                   b"X-TUID: abcdefgh\r\n\r\nwritten locally\r\nlone\rCR\r\n")
+
+        def session() -> list[bytes]:
+            c = LineClient(srv.ports["imaps"], srv.client_tls())
+            try:
+                c.line()
+                c.send(b"1 LOGIN " + USER.encode() + b" " + PASSWORD.encode())
+                c.until(b"1 OK")
+                c.send(b'6 APPEND "INBOX" {%d}' % len(message))
+                assert c.line().startswith(b"+ ")
+                # the literal in two writes split between CR and LF, as TCP may deliver it
+                cut = message.index(b"\r\n\r\n") + 1
+                c.sock.sendall(message[:cut])
+                c.sock.sendall(message[cut:] + b"\r\n")
+                appended = c.until(b"6 ")
+                c.send(b"7 SELECT INBOX")
+                c.until(b"7 OK")
+                c.send(b"8 UID FETCH 1 (RFC822.SIZE BODY.PEEK[])")
+                head = c.line()
+                body = c.file.read(len(message))
+                c.until(b"8 OK")
+                return appended + [head, body]
+            finally:
+                c.close()
+
+        appended_ok, head, body = (yield in_thread(session))[-3:]
+        assert appended_ok.startswith(b"6 OK [APPENDUID")
+        assert head == b"* 1 FETCH (UID 1 RFC822.SIZE %d BODY[] {%d}" % (
+            len(message), len(message))
+        assert body == message
+        stored = list((srv.maildir(USER) / "cur").iterdir())
+        assert len(stored) == 1
+        assert stored[0].read_bytes() == message.replace(b"\r\n", b"\n")
+    finally:
+        yield srv.stop()
+
+
+def test_lf_writer_holds_a_cr_across_chunk_boundaries():
+    """The APPEND literal arrives in arbitrary TCP chunks: a CRLF split between two of them
+    is still one line end, and lone CRs (also at the very end) are kept."""
+    out = io.BytesIO()
+    out.close = lambda: None  # type: ignore[method-assign] - keep the value readable
+    w = LFWriter(out)
+    for chunk in (b"a\r", b"\nb\r", b"\r", b"\r\n", b"c\rd\r\n\r"):
+        w.write(chunk)
+    w.close()
+    assert out.getvalue() == b"a\nb\r\r\nc\rd\n\r"
