@@ -170,3 +170,32 @@ async def test_twisted_imap4client(tmp_path):
         await client.logout()
     finally:
         await stop(srv)
+
+
+@pytest_twisted.ensureDeferred
+async def test_append_takes_one_message_literal(tmp_path):
+    """A second message-sized literal in one APPEND gets the small literal cap (BAD),
+    and nothing beyond the single APPEND is stored."""
+    srv = await _server(tmp_path)
+    try:
+        def talk():
+            r = Raw(srv.ports["imap"])
+            r.cmd(b"a LOGIN " + USER.encode() + b" " + PASSWORD.encode(), b"a")
+            msg = b"Subject: one\r\n\r\nbody\r\n"
+            big = b"x" * 5000  # under message_size, over imap_literal
+            r.sock.sendall(b"b APPEND INBOX {%d+}\r\n" % len(msg) + msg +
+                           b" {%d+}\r\n" % len(big) + big + b"\r\n")
+            answer = r.until(b"b")[-1]
+            after = r.cmd(b"c NOOP", b"c")[-1]
+            r.cmd(b"z LOGOUT", b"z")
+            return answer, after
+
+        answer, after = await in_thread(talk)
+        assert answer.startswith(b"b BAD") or answer.startswith(b"b NO"), answer
+        assert after.startswith(b"c OK")
+        stored = list((srv.maildir(USER) / "cur").iterdir()) + \
+            list((srv.maildir(USER) / "new").iterdir())
+        assert len(stored) <= 1
+        assert not list((srv.maildir(USER) / "tmp").iterdir())
+    finally:
+        await stop(srv)
