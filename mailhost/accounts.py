@@ -233,6 +233,9 @@ class LoginThrottle:
     `clock` is an IReactorTime (task.Clock in tests); `policy` is the `[auth]` config.
     """
 
+    #: records kept per table; past it stale ones are pruned, then the oldest dropped
+    max_records = 100_000
+
     def __init__(self, clock: Any, policy: Any) -> None:
         self.clock = clock
         self.policy = policy
@@ -267,6 +270,10 @@ class LoginThrottle:
                 f.locked_until = now + self.policy.lockout
             table[key] = f
             worst = max(worst, f.count)
+            if len(table) > self.max_records:  # failures with ever new names or IPs
+                self.prune()
+                for stale in list(table)[:len(table) - self.max_records]:
+                    del table[stale]
         excess = worst - self.policy.free_failures
         if excess <= 0:
             return 0.0
@@ -279,7 +286,7 @@ class LoginThrottle:
             del self._ips[ip]
 
     def prune(self) -> None:
-        """Forget stale records (call periodically to bound memory)."""
+        """Forget records whose window has passed (memory stays bounded)."""
         for table in (self._ips, self._accounts):
             for key in list(table):
                 self._get(table, key)

@@ -72,3 +72,16 @@ def test_new_account_addresses_are_checked():
     for bad in ("bob@y.org", "bob+tag@x.org", "nope"):
         with pytest.raises(AddressError):
             valid_account_address(bad, domains)
+
+
+def test_throttle_memory_is_bounded_under_a_flood_of_new_names():
+    clock = task.Clock()
+    t = LoginThrottle(clock, AuthConfig(window=60))
+    t.max_records = 50
+    for i in range(500):
+        t.failure_delay(f"127.1.{i // 250}.{i % 250}", f"user{i}@x.org")
+    assert len(t._ips) <= 50 and len(t._accounts) <= 50
+    clock.advance(61)
+    t.failure_delay("1.1.1.1", "z@x.org")
+    t.prune()
+    assert len(t._accounts) == 1
