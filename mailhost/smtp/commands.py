@@ -304,6 +304,10 @@ class CommandsMixin:
             if self.account is None:
                 self.reply(530, "5.7.0", "Authentication required")
                 return
+        if not rest.isascii():
+            # RFC 6531 §3.2: UTF-8 addresses need SMTPUTF8, which is not offered here
+            self.reply(553, "5.6.7", "Error: non-ASCII address without SMTPUTF8")
+            return
         m = self.mail_re.match(rest)
         if m is None:
             self.reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
@@ -354,6 +358,9 @@ class CommandsMixin:
         env = self.envelope
         if env is None:
             self.reply(503, "5.5.1", "Error: need MAIL command")
+            return
+        if not rest.isascii():
+            self.reply(553, "5.6.7", "Error: non-ASCII address without SMTPUTF8")
             return
         m = self.rcpt_re.match(rest)
         if m is None:

@@ -223,3 +223,24 @@ def test_bare_cr_cannot_smuggle_a_dot_to_the_next_hop(mx):
     assert b"\r" not in msg
     assert msg.endswith(b"first\n.\nMAIL FROM:<evil@remote.test>\n")
     assert b"\r\n..\r\nMAIL FROM" in encode_data(msg)
+
+
+@pytest_twisted.inlineCallbacks
+def test_utf8_addresses_need_smtputf8(mx):
+    """SMTPUTF8 is not offered, so UTF-8 addresses get 553 5.6.7 (RFC 6531 §3.2)."""
+    def run():
+        raw = Raw(mx.ports["smtp"])
+        raw.code()
+        raw.send(b"EHLO c\r\n")
+        raw.code()
+        raw.send("MAIL FROM:<jos\u00e9@remote.test>\r\n".encode())
+        mail_utf8 = raw.reply()[-1]
+        raw.send(b"MAIL FROM:<s@remote.test>\r\n")
+        raw.code()
+        raw.send("RCPT TO:<\u00e4lice@example.org>\r\n".encode())
+        rcpt_utf8 = raw.reply()[-1]
+        raw.send(b"QUIT\r\n")
+        return mail_utf8, rcpt_utf8
+
+    mail_utf8, rcpt_utf8 = yield in_thread(run)
+    assert mail_utf8.startswith(b"553 5.6.7") and rcpt_utf8.startswith(b"553 5.6.7")
