@@ -67,6 +67,11 @@ def validate_name(name: str) -> str:
     """The canonical wire name of a folder; CommandFailed if it is not acceptable."""
     if name.upper() == "INBOX":
         return "INBOX"
+    if name[:6].upper() == "INBOX" + DELIMITER:
+        # RFC 3501 §5.1: INBOX is case-insensitive, so are its children's prefix (as in
+        # Dovecot and Cyrus); LIST already matched it so, and "inbox.x" must not become a
+        # second folder beside "INBOX.x"
+        name = "INBOX" + name[5:]
     if not name or len(name) > MAX_NAME:
         raise CommandFailed("invalid mailbox name length", "CANNOT")
     try:
@@ -313,6 +318,10 @@ class IMAPAccount:
             self._write_subscriptions(subs + [name])
 
     def unsubscribe(self, name: str) -> None:
+        try:
+            name = validate_name(name)  # the canonical form, as subscribe stored it
+        except CommandFailed:
+            pass  # not a valid name: can only match a raw entry in the file
         subs = self.subscriptions()
         if name in subs:
             self._write_subscriptions([s for s in subs if s != name])

@@ -172,3 +172,51 @@ def test_lf_writer_holds_a_cr_across_chunk_boundaries():
         w.write(chunk)
     w.close()
     assert out.getvalue() == b"a\nb\r\r\nc\rd\n\r"
+
+
+@pytest_twisted.inlineCallbacks
+def test_imap_inbox_prefix_is_case_insensitive_for_children(tmp_path):
+    """curl -X 'CREATE inbox.lower' made a folder "inbox.lower" that LIST "" "INBOX.*"
+    showed (LIST matches INBOX case-insensitively) but `DELETE INBOX.lower` could not
+    find. The INBOX prefix of a child name is canonical now, in every command."""
+    srv = yield start_server(tmp_path, roles=("imaps",))
+    try:
+        srv.add_user(USER, PASSWORD)
+
+        def session() -> dict[bytes, list[bytes]]:
+            c = LineClient(srv.ports["imaps"], srv.client_tls())
+            out = {}
+            try:
+                c.line()
+                for tag, command in ((b"1", b"LOGIN %s %s" % (USER.encode(),
+                                                             PASSWORD.encode())),
+                                     (b"2", b"CREATE inbox.lower"),
+                                     (b"3", b'LIST "" "INBOX.*"'),
+                                     (b"4", b"CREATE INBOX.Lower"),
+                                     (b"5", b"CREATE INBOX.lower"),
+                                     (b"6", b"SUBSCRIBE Inbox.lower"),
+                                     (b"7", b'LSUB "" "*"'),
+                                     (b"8", b"SELECT iNbOx.lower"),
+                                     (b"9", b"UNSUBSCRIBE INBOX.lower"),
+                                     (b"10", b"DELETE INBOX.lower"),
+                                     (b"11", b'LIST "" "INBOX.*"')):
+                    c.send(tag + b" " + command)
+                    out[tag] = c.until(tag + b" ")
+                return out
+            finally:
+                c.close()
+
+        out = yield in_thread(session)
+        assert out[b"2"][-1].startswith(b"2 OK")
+        assert out[b"3"] == [b'* LIST (\\HasNoChildren) "." "INBOX.lower"', b"3 OK LIST completed"]
+        assert out[b"4"][-1].startswith(b"4 OK")  # a different name below INBOX: case kept
+        assert out[b"5"][-1].startswith(b"5 NO [ALREADYEXISTS]")
+        assert b'* LSUB () "." "INBOX.lower"' in out[b"7"]
+        assert out[b"8"][-1].startswith(b"8 OK [READ-WRITE]")
+        assert out[b"10"][-1].startswith(b"10 OK")
+        assert out[b"11"] == [b'* LIST (\\HasNoChildren) "." "INBOX.Lower"',
+                              b"11 OK LIST completed"]
+        assert (srv.maildir(USER) / ".INBOX.Lower").is_dir()
+        assert not (srv.maildir(USER) / ".inbox.lower").exists()
+    finally:
+        yield srv.stop()
