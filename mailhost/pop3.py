@@ -25,7 +25,7 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.mail import pop3
 
-from mailhost import __version__
+from mailhost import __version__, sasl
 from mailhost.accounts import LoginLocked
 from mailhost.pop3_mailbox import MaildirMaildrop, MessageGone
 from mailhost.pop3_stream import MessageSender, SendAborted
@@ -320,15 +320,15 @@ class POP3Server(pop3.POP3):
         except (binascii.Error, ValueError):
             self.failResponse(b"[AUTH] invalid base64 in SASL response")
             return
-        parts = decoded.split(b"\0")
-        if len(parts) != 3 or not parts[1]:
+        try:
+            creds = sasl.parse_plain(decoded)
+        except sasl.MalformedPlain:
             self.failResponse(b"[AUTH] malformed PLAIN response")
             return
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:
+        if not sasl.authzid_allowed(creds):
             self.failResponse(b"[AUTH] acting as another user is not permitted")
             return
-        self._login(authcid, password)
+        self._login(creds.authcid, creds.password)
 
     def _login(self, user: bytes, password: bytes) -> None:
         d = self.ctx.authenticator.login(user, password, self.client_ip, "pop3",

@@ -10,6 +10,7 @@ from typing import Any
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 
+from mailhost import sasl
 from mailhost.accounts import LoginLocked
 from mailhost.imap.account import IIMAPAccount
 from mailhost.imap.wire import ATOM_CHARS, Args, BadCommand, CommandFailed
@@ -115,15 +116,15 @@ class SessionCommands:
             self._line_handler = got
 
         def plain(blob: bytes) -> None:
-            parts = blob.split(b"\0")
-            if len(parts) != 3:
-                raise BadCommand("malformed PLAIN response")
-            authz, user, password = parts
-            if authz and authz != user:
+            try:
+                creds = sasl.parse_plain(blob)
+            except sasl.MalformedPlain:
+                raise BadCommand("malformed PLAIN response") from None
+            if not sasl.authzid_allowed(creds):
                 done.errback(CommandFailed("proxy authentication not allowed",
                                            "AUTHORIZATIONFAILED"))
                 return
-            self._login(user, password).chainDeferred(done)
+            self._login(creds.authcid, creds.password).chainDeferred(done)
 
         def login_user(user: bytes) -> None:
             ask(b"UGFzc3dvcmQ6", lambda pw: self._login(user, pw).chainDeferred(done))

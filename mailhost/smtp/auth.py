@@ -12,6 +12,11 @@ import binascii
 import attrs
 from zope.interface import Interface
 
+from mailhost import sasl
+from mailhost.sasl import Credentials, authzid_allowed
+
+__all__ = ["Credentials", "authzid_allowed", "parse_plain"]
+
 MECHANISMS = (b"PLAIN", b"LOGIN")
 
 #: RFC 4954 §4: the server challenges for LOGIN, base64 of "Username:" / "Password:"
@@ -59,29 +64,12 @@ def decode_response(line: bytes) -> bytes:
         raise SASLError("5.5.2", "Invalid base64 data") from None
 
 
-@attrs.frozen
-class Credentials:
-    authzid: bytes
-    authcid: bytes
-    password: bytes
-
-
 def parse_plain(message: bytes) -> Credentials:
-    """RFC 4616 §2: `[authzid] NUL authcid NUL passwd`."""
-    parts = message.split(b"\0")
-    if len(parts) != 3 or not parts[1]:
-        raise SASLError("5.5.2", "Malformed PLAIN response")
-    return Credentials(parts[0], parts[1], parts[2])
-
-
-def authzid_allowed(creds: Credentials) -> bool:
-    """The PLAIN authorization identity must be empty or the login name itself."""
-    if not creds.authzid:
-        return True
+    """RFC 4616 §2 (the shared parser), as an SMTP 501 5.5.2 when malformed."""
     try:
-        return creds.authzid.decode("utf-8").lower() == creds.authcid.decode("utf-8").lower()
-    except UnicodeDecodeError:
-        return False
+        return sasl.parse_plain(message)
+    except sasl.MalformedPlain:
+        raise SASLError("5.5.2", "Malformed PLAIN response") from None
 
 
 class SASLExchange:
