@@ -79,18 +79,6 @@ def _shared_index(root: Path) -> FolderIndex:
     return index
 
 
-def wire_size(entry: MessageEntry) -> int:
-    """The `,W=` size from the file name (fast path), else the store's computation."""
-    base = entry.base
-    at = base.rfind(",W=")
-    if at >= 0:
-        end = base.find(",", at + 3)
-        digits = base[at + 3:] if end < 0 else base[at + 3:end]
-        if digits.isdigit():
-            return int(digits)
-    return entry.wire_size
-
-
 @implementer(IMailbox)
 class MaildirMaildrop:
     """One account's INBOX as POP3 sees it. Indices are 0-based (IMailbox convention)."""
@@ -132,7 +120,7 @@ class MaildirMaildrop:
         sizes = []
         for entry in entries:
             try:
-                sizes.append(wire_size(entry))
+                sizes.append(entry.wire_size)
             except OSError:  # vanished since the scan: keep numbering, size unknown
                 sizes.append(0)
         self.index, self.entries, self.sizes = index, entries, sizes

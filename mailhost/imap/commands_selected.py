@@ -396,8 +396,13 @@ def _copy_messages(source: Any, target: Any, uids: list[int],
         try:
             try:
                 os.link(entry.path, tmp)
-            except OSError:
+            except OSError:  # another file system: a durable copy (fsynced before add)
                 shutil.copyfile(entry.path, tmp)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         except FileNotFoundError:
             continue
         new = target.add(tmp, entry.flags, entry.keywords,

@@ -7,8 +7,6 @@ message. Partial fetches `<origin.count>` return exactly that slice (Twisted iss
 
 from __future__ import annotations
 
-import re
-
 import attrs
 
 from mailhost.imap.message import Part
@@ -23,8 +21,6 @@ from mailhost.imap.wire import (
 from mailhost.store.index import MessageEntry
 
 NEED_NONE, NEED_HEADER, NEED_FULL = 0, 1, 2
-#: the `,W=<wire size>` field of a Maildir name (fast path of MessageEntry.wire_size)
-_WIRE = re.compile(r",W=(\d+)(?=,|$)")
 _NAME_CHARS = frozenset(ATOM_CHARS - {ord("["), ord("<")})
 _SECTION_CHARS = frozenset(b"0123456789.ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _TEXTS = ("", "HEADER", "TEXT", "MIME", "HEADER.FIELDS", "HEADER.FIELDS.NOT")
@@ -153,8 +149,7 @@ def render(item: FetchItem, entry: MessageEntry, part: Part | None, flags: bytes
     if name == "INTERNALDATE":
         return b'INTERNALDATE "' + format_datetime(entry.internaldate).encode() + b'"'
     if name == "RFC822.SIZE":
-        m = _WIRE.search(entry.base)
-        return b"RFC822.SIZE %d" % (int(m.group(1)) if m else entry.wire_size)
+        return b"RFC822.SIZE %d" % entry.wire_size
     assert part is not None
     if name == "ENVELOPE":
         return b"ENVELOPE " + part.envelope()

@@ -47,6 +47,8 @@ class MessageEntry:
     flags: str
     keywords: frozenset[str] = frozenset()
     folder: Path = attrs.field(default=Path("."), repr=False)
+    #: the wire size once known (from `,W=`, else counted once and kept)
+    _wire: int | None = attrs.field(default=None, repr=False, eq=False)
 
     @property
     def filename(self) -> str:
@@ -68,10 +70,23 @@ class MessageEntry:
 
     @property
     def wire_size(self) -> int:
-        """Bytes on the wire with CRLF line ends (POP3 LIST, IMAP RFC822.SIZE)."""
-        _, wire = sizes_from_name(self.base)
+        """Bytes on the wire with CRLF line ends (POP3 LIST, IMAP RFC822.SIZE).
+
+        Read from the `,W=` field of the name; a file without one (a Maildir migrated
+        from another server) is counted once and the result kept.
+        """
+        wire = self._wire
         if wire is None:
-            wire = _count_wire_size(self.path)
+            base = self.base
+            at = base.rfind(",W=")
+            if at >= 0:
+                end = base.find(",", at + 3)
+                digits = base[at + 3:] if end < 0 else base[at + 3:end]
+                if digits.isdigit():
+                    wire = int(digits)
+            if wire is None:
+                wire = _count_wire_size(self.path)
+            self._wire = wire
         return wire
 
     @property

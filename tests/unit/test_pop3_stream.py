@@ -141,12 +141,13 @@ def test_session_locks_are_exclusive_per_key():
 
 
 def test_wire_size_from_name_and_fallback(tmp_path):
-    from mailhost.pop3_mailbox import wire_size
     from mailhost.store.index import MessageEntry
 
     (tmp_path / "new").mkdir()
-    assert wire_size(MessageEntry(1, "1.M1.h,S=10,W=12", "new", "", folder=tmp_path)) == 12
-    assert wire_size(MessageEntry(1, "1.M1.h,W=7", "new", "", folder=tmp_path)) == 7
+    assert MessageEntry(1, "1.M1.h,S=10,W=12", "new", "", folder=tmp_path).wire_size == 12
+    assert MessageEntry(1, "1.M1.h,W=7", "new", "", folder=tmp_path).wire_size == 7
     (tmp_path / "new" / "2.M2.h").write_bytes(b"a\nb\r\n")
-    assert wire_size(MessageEntry(2, "2.M2.h", "new", "", folder=tmp_path)) == 6
-
+    migrated = MessageEntry(2, "2.M2.h", "new", "", folder=tmp_path)
+    assert migrated.wire_size == 6
+    (tmp_path / "new" / "2.M2.h").unlink()
+    assert migrated.wire_size == 6  # counted once, then kept
