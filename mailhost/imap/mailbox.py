@@ -192,7 +192,3 @@ class SelectedFolder:
             lines.append(b"* %d FETCH (UID %d FLAGS %s)" % (
                 msn, uid, format_flags(entry_flags(entry, uid in self.recent))))
         return lines
-
-    def has_updates(self) -> bool:
-        with self._lock:
-            return bool(self._added or self._removed or self._flagged)

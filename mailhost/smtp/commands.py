@@ -331,7 +331,7 @@ class CommandsMixin:
             self.reply(553, "5.7.1", f"Sender address rejected: not owned by user "
                                      f"{self.account}")
             return
-        self.envelope = Envelope(sender, body=body, declared_size=size)
+        self.envelope = Envelope(sender, body=body)
         self.reply(250, "2.1.0", "Ok")
 
     def _mail_params(self, params: dict[str, str | None]) -> tuple[str | None, int | None]:

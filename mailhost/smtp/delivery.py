@@ -42,7 +42,6 @@ class Envelope:
 
     sender: Address | None
     body: str | None = None
-    declared_size: int | None = None
     recipients: list[str] = attrs.field(factory=list)
     mailboxes: dict[str, None] = attrs.field(factory=dict)
     forward: dict[str, None] = attrs.field(factory=dict)

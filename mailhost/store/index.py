@@ -189,11 +189,6 @@ class FolderIndex:
             if len(parts) < 2 or not parts[0].isdigit():
                 continue
             uid = int(parts[0])
-            if parts[1] == "-":  # a removal record: "<uid> -"
-                entry = by_uid.pop(uid, None)
-                if entry:
-                    by_base.pop(entry.base, None)
-                continue
             # subdir "" = not seen on disk yet; the first sync fills it in
             entry = MessageEntry(uid, parts[1], "", "",
                                  frozenset(parts[2:]) if len(parts) > 2 else empty, folder)

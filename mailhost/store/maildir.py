@@ -13,7 +13,6 @@ import itertools
 import os
 import socket
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +42,6 @@ def split_name(filename: str) -> tuple[str, str]:
     if sep and info.startswith("2,"):
         return base, info[2:]
     return base, ""
-
-
-def flags_suffix(flags: Iterable[str]) -> str:
-    """Flag letters -> `:2,` + sorted letters (ASCII order, as the spec requires)."""
-    return ":2," + "".join(sorted(set(flags)))
 
 
 def sizes_from_name(base: str) -> tuple[int | None, int | None]:
@@ -94,15 +88,12 @@ class MaildirWriter:
     a large message is never held whole. `commit` fires with the delivered paths.
     """
 
-    def __init__(self, reactor, mailboxes: list[Path], hostname: str,
-                 flags: str = "", into: str = "new") -> None:
+    def __init__(self, reactor, mailboxes: list[Path], hostname: str) -> None:
         if not mailboxes:
             raise ValueError("no mailboxes")
         self._reactor = reactor
         self._mailboxes = mailboxes
         self._hostname = hostname
-        self._flags = flags
-        self._into = into
         self._name = unique_name(hostname)
         self._tmp = mailboxes[0] / "tmp" / self._name
         self._file: Any = None
@@ -140,10 +131,8 @@ class MaildirWriter:
             self._file.close()
             wire = self.size + self._lines  # every LF becomes CRLF on the wire
             name = f"{self._name},S={self.size},W={wire}"
-            if self._into == "cur" or self._flags:
-                name += flags_suffix(self._flags)
             for box in self._mailboxes:
-                target = box / self._into / name
+                target = box / "new" / name
                 try:
                     os.link(self._tmp, target)
                 except OSError as e:
