@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = 
             except TLSConfigError as e:
                 err.write(f"mailhost: invalid configuration (1 problem(s)):\n  tls: {e}\n")
                 return 1
+        from mailhost.config import warnings
+
+        for warning in warnings(config):
+            err.write(f"mailhost: warning: {warning}\n")
         out.write(f"configuration OK ({config.source or 'embedded default'}): "
                   f"{len(config.domains)} domain(s), data_dir {config.data_dir}\n")
         return 0

@@ -143,6 +143,9 @@ class Config:
     auth: AuthConfig = AuthConfig()
     submission: SubmissionConfig = SubmissionConfig()
     queue: QueueConfig = QueueConfig()
+    #: where postmaster@<any local domain> goes when the domain has no alias or account
+    #: of that name (RFC 5321 §4.5.1); None: no default
+    postmaster: str | None = None
     #: where the config came from (for messages); None for the embedded default
     source: str | None = None
 
@@ -358,7 +361,7 @@ def from_dict(data: Mapping[str, Any], source: str | None = None,
     kwargs: dict[str, Any] = {"hostname": hostname.lower(), "data_dir": ddir, "source": source}
 
     known = {"hostname", "data_dir", "listen", "tls", "domains", "limits", "auth",
-             "submission", "queue"}
+             "submission", "queue", "postmaster"}
     for key in data:
         if key not in known:
             errors.add(key, "unknown key")
@@ -404,6 +407,12 @@ def from_dict(data: Mapping[str, Any], source: str | None = None,
                 errors.add(f"queue.dns_servers[{i}]", problem)
         kwargs["queue"] = queue
 
+    if "postmaster" in data:
+        pm = data["postmaster"]
+        if not isinstance(pm, str) or "@" not in pm or _target_problem(pm):
+            errors.add("postmaster", f"expected an address, got {pm!r}")
+        else:
+            kwargs["postmaster"] = _norm_target(pm)
     domains: dict[str, DomainConfig] = {}
     raw_domains = data.get("domains", {})
     if not isinstance(raw_domains, dict):
@@ -422,6 +431,18 @@ def from_dict(data: Mapping[str, Any], source: str | None = None,
     if errors.problems:
         raise ConfigError(errors.problems)
     return Config(**kwargs)
+
+
+def warnings(config: Config) -> list[str]:
+    """Things that work but an operator should know (printed by check-config)."""
+    out = []
+    if config.postmaster is None:
+        for name, domain in sorted(config.domains.items()):
+            if "postmaster" not in domain.aliases and domain.catch_all is None:
+                out.append(f'domains."{name}": no postmaster alias and no top-level '
+                           "`postmaster`: mail to postmaster@ (RFC 5321 §4.5.1) is refused "
+                           "unless an account of that name exists")
+    return out
 
 
 def load(path: str | Path | None = None) -> Config:

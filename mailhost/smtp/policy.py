@@ -95,6 +95,10 @@ class RecipientPolicy:
                 if self.accounts.exists(account):
                     mailboxes[account] = None
                     return
+            if base == "postmaster" and self.config.postmaster:
+                # RFC 5321 §4.5.1: every domain accepts mail for its postmaster
+                visit(parse_address(self.config.postmaster), path | {key}, depth + 1)
+                return
             if domain.catch_all and depth == 0:
                 visit(self._target_address(domain.catch_all, addr.domain), path | {key},
                       depth + 1)

@@ -93,3 +93,28 @@ def test_route_local_for_dsns():
     assert p.route_local("x@elsewhere.test") is None
     assert p.route_local("nobody@example.org") == []
     assert Address("a", "b").key == "a@b"
+
+
+def test_postmaster_default_for_every_domain():
+    conf = CONF.replace('data_dir = "/nonexistent"', 'data_dir = "/nonexistent"\npostmaster = "Alice@example.org"')
+    cfg = loads(conf)
+    p = RecipientPolicy(cfg, Accounts("alice@example.org", "dave@other.test"))
+    # other.test has a catch_all, but postmaster goes to the configured address first
+    assert p.decide_recipient(parse_address("postmaster@other.test"), None).mailboxes == \
+        ("alice@example.org",)
+    # an explicit alias still wins (example.org: postmaster = "alice")
+    assert p.decide_recipient(parse_address("postmaster@example.org"), None).mailboxes == \
+        ("alice@example.org",)
+    assert policy().decide_recipient(parse_address("postmaster@other.test"), None).mailboxes \
+        == ("dave@other.test",)  # without the setting: the catch-all
+
+
+def test_check_config_warns_about_domains_without_postmaster():
+    from mailhost.config import warnings
+
+    cfg = loads('hostname = "a.b"\ndata_dir = "/x"\n[domains."a.b"]\n[domains."c.d"]\n'
+                'aliases = { postmaster = "x" }\n')
+    (warning,) = warnings(cfg)
+    assert warning.startswith('domains."a.b": no postmaster')
+    assert warnings(loads('hostname = "a.b"\ndata_dir = "/x"\npostmaster = "x@c.d"\n'
+                          '[domains."a.b"]\n')) == []
