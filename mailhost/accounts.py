@@ -58,9 +58,12 @@ class AccountFileError(Exception):
 class AccountDirectory:
     """The accounts in `<data_dir>/passwd`, re-read whenever the file changes."""
 
-    def __init__(self, path: Path, reactor: Any = None) -> None:
+    def __init__(self, path: Path, reactor: Any = None, pool: Any = None) -> None:
         self.path = Path(path)
         self.reactor = reactor
+        #: threads for password hashing; its own small pool, so a login flood uses at
+        #: most that many cores and never queues ahead of the fsyncs in the reactor's pool
+        self.pool = pool
         self._stamp: tuple[int, int, int] | None = None
         self._hashes: dict[str, str] = {}
 
@@ -109,7 +112,8 @@ class AccountDirectory:
         if self.reactor is None:
             d = defer.maybeDeferred(check)
         else:
-            d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), check)
+            pool = self.pool or self.reactor.getThreadPool()
+            d = threads.deferToThreadPool(self.reactor, pool, check)
 
         def done(ok: bool) -> str:
             if ok and stored is not None and self.exists(key):

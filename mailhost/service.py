@@ -120,7 +120,10 @@ def build_context(config: Config, reactor: Any, clock: Any = None) -> ServerCont
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     config.mail_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     store = MaildirStore(config.mail_dir, config.hostname, reactor)
-    accounts = AccountDirectory(config.passwd_path, reactor)
+    from twisted.python.threadpool import ThreadPool
+
+    hash_pool = ThreadPool(minthreads=0, maxthreads=2, name="mailhost-password-hashing")
+    accounts = AccountDirectory(config.passwd_path, reactor, pool=hash_pool)
     realm = MailRealm()
     portal = Portal(realm, [PasswdChecker(accounts)])
     throttle = LoginThrottle(clock, config.auth)
@@ -161,6 +164,8 @@ class MailhostService(service.MultiService):
     def startService(self) -> None:  # noqa: N802 - Twisted API
         log.info("mailhost starting: hostname={hostname} data_dir={data_dir}",
                  hostname=self.ctx.config.hostname, data_dir=str(self.ctx.config.data_dir))
+        if self.ctx.accounts.pool is not None:
+            self.ctx.accounts.pool.start()
         super().startService()
         self._install_sighup()
 
@@ -200,6 +205,8 @@ class MailhostService(service.MultiService):
             if transport is not None and getattr(transport, "connected", True):
                 transport.loseConnection()
         yield super().stopService()
+        if self.ctx.accounts.pool is not None:
+            self.ctx.accounts.pool.stop()  # idle by now: logins end with their sessions
         # twistd re-raises the signal that stopped the reactor so the exit status shows it;
         # a SIGTERM that ended in a clean drain is a normal stop: exit 0 (issue #2 §4).
         if getattr(self.ctx.reactor, "_exitSignal", None) == signal.SIGTERM:
