@@ -110,6 +110,8 @@ class ServerContext:
     stopping: bool = False
     #: every live connection's outermost protocol, closed at the end of shutdown
     sessions: Any = attrs.field(factory=weakref.WeakSet)
+    #: open IMAP sessions per account, shared by the imap and imaps listeners
+    imap_sessions: Counter[str] = attrs.field(factory=Counter)
 
 
 def build_context(config: Config, reactor: Any, clock: Any = None) -> ServerContext:

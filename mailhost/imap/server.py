@@ -478,9 +478,6 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
             self.ctx.reactor.callFromThread(fn, *args)
 
 
-_SESSIONS: dict[int, Counter[str]] = {}
-
-
 def _unlink_literal_files(segments: list) -> None:
     """Remove the tmp/ files of message literals of a command that will not run."""
     for seg in segments:
@@ -497,7 +494,7 @@ class IMAPFactory(protocol.ServerFactory):
         #: sessions currently connected (for shutdown and tests)
         self.open: set[IMAPServer] = set()
         # shared by the imap and imaps listeners of one server
-        self.sessions: Counter[str] = _SESSIONS.setdefault(id(ctx.accounts), Counter())
+        self.sessions: Counter[str] = ctx.imap_sessions
         ctx.realm.register(IIMAPAccount, lambda key, mind: IMAPAccount(
             key, ctx.store.mailbox_path(key)))
 

@@ -3,6 +3,7 @@ ordering under pipelining, literals, IDLE, timeouts, STARTTLS buffer discarding.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import attrs
@@ -53,6 +54,7 @@ class FakeCtx:
     reactor: object = None
     accounts: object = attrs.Factory(object)
     tls: object = "tls-context"
+    imap_sessions: Counter = attrs.Factory(Counter)
 
 
 class TLSStringTransport(StringTransport):
