@@ -156,6 +156,8 @@ class FolderIndex:
         self._by_uid: dict[int, MessageEntry] = {}
         self._by_base: dict[str, MessageEntry] = {}
         self._dir_stamp: tuple[int, int] | None = None
+        #: when to scan again although the stamp is unchanged (it was fresh at the scan)
+        self._recheck_at = float("inf")
         self._load()
 
     # --- persistence ------------------------------------------------------------------
@@ -252,8 +254,9 @@ class FolderIndex:
     def sync(self, origin: object = None, force: bool = False) -> FolderChanges:
         """Scan new/ and cur/; assign UIDs to new files, drop vanished ones."""
         with self._lock:
+            now = time.time_ns()
             stamp = self._stamp()
-            if not force and stamp == self._dir_stamp:
+            if not force and stamp == self._dir_stamp and now < self._recheck_at:
                 return FolderChanges()
             present: dict[str, tuple[str, str]] = {}
             for sub in ("new", "cur"):
@@ -292,9 +295,11 @@ class FolderIndex:
             elif records:
                 self._append(records)
             # directory mtimes are coarse: a file linked in the same tick as this scan
-            # would leave the stamp unchanged, so a fresh stamp is not trusted
-            fresh = time.time_ns() - max(stamp) < 2_000_000_000
-            self._dir_stamp = None if fresh else stamp
+            # leaves the stamp unchanged, so after a scan of a freshly changed folder
+            # one more scan follows a second later (at most one a second, not every call)
+            self._dir_stamp = stamp
+            fresh = now - max(stamp) < 2_000_000_000
+            self._recheck_at = now + 1_000_000_000 if fresh else float("inf")
             changes = FolderChanges(tuple(e.uid for e in added), tuple(removed),
                                     tuple(changed))
         if changes:
@@ -314,13 +319,14 @@ class FolderIndex:
             if entry.subdir != "cur" or entry.flags != letters:
                 old = entry.path
                 new = self.folder / "cur" / f"{entry.base}:2,{letters}"
+                before = self._stamp()
                 try:
                     os.rename(old, new)
                 except FileNotFoundError:  # removed by another program meanwhile
                     self.sync(force=True)
                     return None
                 entry.subdir, entry.flags = "cur", letters
-                self._dir_stamp = None
+                self._own_change(before)
             if keywords is not None:
                 kw = frozenset(k for k in keywords if _valid_keyword(k))
                 if kw != entry.keywords:
@@ -345,6 +351,7 @@ class FolderIndex:
                 os.utime(source, (internaldate, internaldate))
             letters = "".join(sorted(set(flags)))
             target = self.folder / "cur" / f"{base}:2,{letters}"
+            before = self._stamp()
             os.rename(source, target)
             fsync_dir(self.folder / "cur")
             entry = MessageEntry(self.uidnext, base, "cur", letters,
@@ -354,7 +361,7 @@ class FolderIndex:
             self._by_uid[entry.uid] = entry
             self._by_base[base] = entry
             self._append([_record(entry)])
-            self._dir_stamp = None
+            self._own_change(before)
         self._notify(FolderChanges(added=(entry.uid,)), origin)
         return entry
 
@@ -362,6 +369,7 @@ class FolderIndex:
         """Delete messages' files and forget their UIDs; returns the UIDs removed."""
         removed = []
         with self._lock:
+            before = self._stamp()
             for uid in sorted(set(uids)):
                 entry = self._by_uid.pop(uid, None)
                 if entry is None:
@@ -374,7 +382,7 @@ class FolderIndex:
                 removed.append(uid)
             if removed:
                 self._rewrite()
-                self._dir_stamp = None
+                self._own_change(before)
         if removed:
             self._notify(FolderChanges(removed=tuple(removed)), origin)
         return removed
@@ -388,6 +396,7 @@ class FolderIndex:
         """
         moved = []
         with self._lock:
+            before = self._stamp()
             for uid in uids:
                 entry = self._by_uid.get(uid)
                 if entry is None or entry.subdir != "new":
@@ -400,8 +409,14 @@ class FolderIndex:
                 entry.subdir = "cur"
                 moved.append(uid)
             if moved:
-                self._dir_stamp = None
+                self._own_change(before)
         return moved
+
+    def _own_change(self, before: tuple[int, int]) -> None:
+        """After renames/unlinks we made (and applied in memory): if nothing else had
+        changed the folder since the last scan, the new directory stamp is ours and
+        stays trusted; otherwise the next sync scans."""
+        self._dir_stamp = self._stamp() if before == self._dir_stamp else None
 
     def tmp_path(self) -> Path:
         """A fresh path in this folder's tmp/ for writing a message before `add`."""
