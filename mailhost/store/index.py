@@ -256,8 +256,12 @@ class FolderIndex:
         with self._lock:
             now = time.time_ns()
             stamp = self._stamp()
-            if not force and stamp == self._dir_stamp and now < self._recheck_at:
-                return FolderChanges()
+            if not force and stamp == self._dir_stamp:
+                if now < self._recheck_at or not self._unknown_in_new():
+                    if now >= self._recheck_at:  # the recheck found nothing new
+                        fresh = now - max(stamp) < 2_000_000_000
+                        self._recheck_at = now + 1_000_000_000 if fresh else float("inf")
+                    return FolderChanges()
             present: dict[str, tuple[str, str]] = {}
             for sub in ("new", "cur"):
                 with os.scandir(self.folder / sub) as it:
@@ -411,6 +415,14 @@ class FolderIndex:
             if moved:
                 self._own_change(before)
         return moved
+
+    def _unknown_in_new(self) -> bool:
+        """Is a file in new/ that the index does not know? (the cheap recheck: deliveries
+        land in new/, which IMAP and POP3 keep small by moving mail on to cur/)"""
+        by_base = self._by_base
+        with os.scandir(self.folder / "new") as it:
+            return any(de.name[0] != "." and de.name.partition(":")[0] not in by_base
+                       for de in it)
 
     def _own_change(self, before: tuple[int, int]) -> None:
         """After renames/unlinks we made (and applied in memory): if nothing else had
