@@ -20,7 +20,7 @@ from mailhost.imap import utf7
 from mailhost.imap.wire import CommandFailed
 from mailhost.store.folders import SPECIAL_USE, SUBSCRIPTIONS, create_default_folders
 from mailhost.store.index import FolderIndex
-from mailhost.store.maildir import make_maildir
+from mailhost.store.maildir import IncomingMessage, make_maildir
 
 DELIMITER = "."
 MAX_NAME = 512
@@ -159,6 +159,10 @@ class IMAPAccount:
     def __init__(self, key: str, root: Path) -> None:
         self.key = key
         self.root = Path(root)
+
+    def open_incoming(self) -> IncomingMessage:
+        """A file in the account's tmp/ for an APPEND literal (the store writes it)."""
+        return IncomingMessage(self.root)
 
     def ensure_defaults(self) -> None:
         """Create the Maildir and the special-use folders if missing (first login)."""

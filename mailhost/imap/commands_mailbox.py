@@ -3,7 +3,6 @@ LIST/LSUB (with CHILDREN and SPECIAL-USE attributes), STATUS and APPEND (UIDPLUS
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from twisted.internet import defer
@@ -266,11 +265,6 @@ class MailboxCommands:
 
 def _store_appended(index: Any, path: Any, letters: str, keywords: Any, date: Any,
                     origin: Any) -> Any:
-    """Worker thread: make the streamed literal durable, then give it a UID."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Worker thread: the index makes the streamed literal durable and gives it a UID."""
     return index.add(path, letters, keywords, internaldate=date, origin=origin)
 

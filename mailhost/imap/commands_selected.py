@@ -3,8 +3,6 @@ UIDPLUS (RFC 4315: COPYUID, UID EXPUNGE), MOVE (RFC 6851) and UNSELECT (RFC 3691
 
 from __future__ import annotations
 
-import os
-import shutil
 from typing import Any
 
 from twisted.internet import defer
@@ -392,20 +390,10 @@ def _copy_messages(source: Any, target: Any, uids: list[int],
         entry = source.get(u)
         if entry is None:
             continue
-        tmp = target.tmp_path()
         try:
-            try:
-                os.link(entry.path, tmp)
-            except OSError:  # another file system: a durable copy (fsynced before add)
-                shutil.copyfile(entry.path, tmp)
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        except FileNotFoundError:
+            new = target.add_copy(entry.path, entry.flags, entry.keywords,
+                                  internaldate=entry.internaldate, origin=origin)
+        except FileNotFoundError:  # expunged by another session meanwhile
             continue
-        new = target.add(tmp, entry.flags, entry.keywords,
-                         internaldate=entry.internaldate, origin=origin)
         pairs.append((u, new.uid))
     return pairs

@@ -34,35 +34,8 @@ from mailhost.imap.wire import (
     CommandFailed,
     Literal,
 )
-from mailhost.store.maildir import unique_name
 
 log = Logger(namespace="mailhost.imap")
-
-
-class LFWriter:
-    """Stores an APPEND literal with CRLF line ends as LF, the Maildir convention that
-    SMTP delivery follows too (RFC 3501 §6.3.11 literals are CRLF on the wire; readers
-    turn LF back into CRLF). A lone CR is kept; a CR at the end of one chunk is held
-    until the next shows whether an LF follows."""
-
-    def __init__(self, file: Any) -> None:
-        self._file = file
-        self._cr = False
-
-    def write(self, chunk: bytes) -> None:
-        if self._cr:
-            chunk = b"\r" + chunk
-            self._cr = False
-        if chunk.endswith(b"\r"):
-            chunk = chunk[:-1]
-            self._cr = True
-        self._file.write(chunk.replace(b"\r\n", b"\n"))
-
-    def close(self) -> None:
-        if self._cr:
-            self._file.write(b"\r")
-            self._cr = False
-        self._file.close()
 
 
 #: pipelined input held while a command runs before we stop reading the socket
@@ -305,10 +278,9 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
         if not plus:
             self.send(b"+ ready for literal data")
         if message and self.account is not None:
-            path = self.account.root / "tmp" / unique_name()
-            # closed at the end of the literal, or by _drop_literal
-            sink = LFWriter(open(path, "xb", buffering=65536))  # noqa: SIM115
-            self._literal = Literal(size, path=path)
+            # closed at the end of the literal, or removed by _drop_literal
+            sink = self.account.open_incoming()
+            self._literal = Literal(size, path=sink.path)
         else:
             sink = bytearray()
             self._literal = Literal(size)

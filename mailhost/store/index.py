@@ -19,6 +19,7 @@ Methods are thread-safe; callers may run `sync` in a worker thread for large fol
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 import weakref
@@ -29,6 +30,7 @@ import attrs
 
 from mailhost.store.maildir import (
     fsync_dir,
+    fsync_file,
     make_maildir,
     sizes_from_name,
     unique_name,
@@ -340,11 +342,15 @@ class FolderIndex:
         return entry
 
     def add(self, source: Path, flags: str = "", keywords: Iterable[str] = (),
-            internaldate: float | None = None, origin: object = None) -> MessageEntry:
-        """Move a fully written, fsynced file from tmp/ into cur/ and give it a UID now.
+            internaldate: float | None = None, origin: object = None,
+            fsync: bool = True) -> MessageEntry:
+        """Make a fully written file in tmp/ durable, move it into cur/, give it a UID now.
 
         Used by IMAP APPEND, COPY and MOVE so APPENDUID/COPYUID can report the UID.
+        Runs in a worker thread (fsync, renames).
         """
+        if fsync:
+            fsync_file(source)
         with self._lock:
             size = source.stat().st_size
             wire = _count_wire_size(source)
@@ -429,6 +435,22 @@ class FolderIndex:
         changed the folder since the last scan, the new directory stamp is ours and
         stays trusted; otherwise the next sync scans."""
         self._dir_stamp = self._stamp() if before == self._dir_stamp else None
+
+    def add_copy(self, source: Path, flags: str = "", keywords: Iterable[str] = (),
+                 internaldate: float | None = None, origin: object = None) -> MessageEntry:
+        """COPY/MOVE: hard-link `source` into this folder (or copy it durably across file
+        systems) and add it. FileNotFoundError if the source vanished meanwhile."""
+        tmp = self.tmp_path()
+        try:
+            os.link(source, tmp)
+            linked = True
+        except FileNotFoundError:
+            raise
+        except OSError:  # another file system, or links not allowed: copy
+            shutil.copyfile(source, tmp)
+            linked = False
+        return self.add(tmp, flags, keywords, internaldate=internaldate, origin=origin,
+                        fsync=not linked)
 
     def tmp_path(self) -> Path:
         """A fresh path in this folder's tmp/ for writing a message before `add`."""

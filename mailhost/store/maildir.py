@@ -203,3 +203,46 @@ class MaildirStore:
                 make_maildir(path)
             paths.append(path)
         return MaildirWriter(self.reactor, paths, self.hostname)
+
+
+class IncomingMessage:
+    """A message arriving in pieces (an IMAP APPEND literal) into `<root>/tmp/`.
+
+    CRLF line ends are stored as LF, the Maildir convention SMTP delivery follows too
+    (readers turn LF back into CRLF); a lone CR is kept, and a CR at the end of one piece
+    is held until the next shows whether an LF follows. `close` ends the file; the folder
+    index then makes it durable and gives it a UID (`FolderIndex.add`).
+    """
+
+    def __init__(self, root: Path, hostname: str | None = None) -> None:
+        self.path = root / "tmp" / unique_name(hostname)
+        self._file = open(self.path, "xb", buffering=65536)  # noqa: SIM115 - see close
+        self._cr = False
+
+    def write(self, chunk: bytes) -> None:
+        if self._cr:
+            chunk = b"\r" + chunk
+            self._cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._cr = True
+        self._file.write(chunk.replace(b"\r\n", b"\n"))
+
+    def close(self) -> None:
+        if self._cr:
+            self._file.write(b"\r")
+            self._cr = False
+        self._file.close()
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        _unlink_quietly(self.path)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

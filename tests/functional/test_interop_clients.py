@@ -5,13 +5,12 @@ needed. Each test names the client and the command line that showed the problem.
 from __future__ import annotations
 
 import base64
-import io
 import socket
 import ssl
 
 import pytest_twisted
 
-from mailhost.imap.server import LFWriter
+from mailhost.store.maildir import IncomingMessage
 from tests.functional.conftest import in_thread, start_server
 
 USER = "alice@example.org"
@@ -162,16 +161,17 @@ def test_imap_append_is_stored_with_lf_line_ends(tmp_path):
         yield srv.stop()
 
 
-def test_lf_writer_holds_a_cr_across_chunk_boundaries():
+def test_incoming_message_holds_a_cr_across_chunk_boundaries(tmp_path):
     """The APPEND literal arrives in arbitrary TCP chunks: a CRLF split between two of them
     is still one line end, and lone CRs (also at the very end) are kept."""
-    out = io.BytesIO()
-    out.close = lambda: None  # type: ignore[method-assign] - keep the value readable
-    w = LFWriter(out)
+    (tmp_path / "tmp").mkdir()
+    w = IncomingMessage(tmp_path)
     for chunk in (b"a\r", b"\nb\r", b"\r", b"\r\n", b"c\rd\r\n\r"):
         w.write(chunk)
     w.close()
-    assert out.getvalue() == b"a\nb\r\r\nc\rd\n\r"
+    assert w.path.read_bytes() == b"a\nb\r\r\nc\rd\n\r"
+    w.discard()
+    assert not w.path.exists()
 
 
 @pytest_twisted.inlineCallbacks
