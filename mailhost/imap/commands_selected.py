@@ -291,7 +291,21 @@ class SelectedCommands:
         return done
 
     def _idle_poll(self) -> None:
+        """Every IDLE_POLL seconds: look for deliveries (a scan runs in a worker thread).
+
+        Each poll carries a token, so a scan that ends after DONE (or after a new IDLE has
+        started its own polling) schedules nothing."""
         self._idle_call = None
+        token = self._idle_token = object()
+        folder = self.selected
+        if folder is not None and not self._closed and folder.index.needs_scan():
+            self.blocking(folder.sync).addBoth(lambda _: self._idle_polled(token))
+        else:
+            self._idle_polled(token)
+
+    def _idle_polled(self, token: object) -> None:
+        if token is not getattr(self, "_idle_token", None):
+            return
         self._idle_push()
         if getattr(self, "_idle_done", None) is not None and not self._closed:
             self._idle_call = self.ctx.clock.callLater(IDLE_POLL, self._idle_poll)
@@ -299,7 +313,6 @@ class SelectedCommands:
     def _idle_push(self) -> None:
         if getattr(self, "_idle_done", None) is None or self.selected is None or self._closed:
             return
-        self.selected.sync()
         for line in self.selected.updates(True):
             self.send(line)
 
@@ -308,6 +321,7 @@ class SelectedCommands:
         if call is not None and call.active():
             call.cancel()
         self._idle_call = None
+        self._idle_token = None
         self._idle_done = None
         if self.selected is not None:
             self.selected.wakeup = None

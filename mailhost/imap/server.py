@@ -372,6 +372,7 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
         handler = getattr(self, "cmd_" + verb)
         self._busy = True
         d = defer.maybeDeferred(handler, tag, args, uid)
+        d.addBoth(self._sync_selected)
         d.addCallbacks(self._ok, self._failed, callbackArgs=(tag, verb, uid),
                        errbackArgs=(tag, verb, uid))
         d.addBoth(self._finished, segments)
@@ -387,9 +388,16 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
         return {NOTAUTH: b"already authenticated", AUTH: b"log in first",
                 SELECTED: b"no mailbox selected"}[state]
 
+    def _sync_selected(self, result: Any) -> Any:
+        """Pick up other programs' changes before the reply: the cheap check here, a real
+        directory scan (a big folder takes a while) in a worker thread."""
+        folder = self.selected
+        if folder is None or self._closed or not folder.index.needs_scan():
+            return result
+        return self.blocking(folder.sync).addBoth(lambda _: result)
+
     def _untagged_updates(self, verb: str, uid: bool) -> None:
         if self.selected is not None and not self._closed:
-            self.selected.sync()
             for line in self.selected.updates(uid or verb not in _NO_EXPUNGE):
                 self.send(line)
 

@@ -253,6 +253,14 @@ class FolderIndex:
         return (os.stat(self.folder / "new").st_mtime_ns,
                 os.stat(self.folder / "cur").st_mtime_ns)
 
+    def needs_scan(self) -> bool:
+        """Cheap (two stats): would `sync` look at the directories? Callers on the reactor
+        thread use it to send only real scans to a worker thread."""
+        try:
+            return self._stamp() != self._dir_stamp or time.time_ns() >= self._recheck_at
+        except FileNotFoundError:
+            return True
+
     def sync(self, origin: object = None, force: bool = False) -> FolderChanges:
         """Scan new/ and cur/; assign UIDs to new files, drop vanished ones."""
         with self._lock:
