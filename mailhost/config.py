@@ -260,15 +260,32 @@ def _host_port(v: str) -> str | None:
 
 
 def _validate_endpoint(description: str) -> str | None:
+    """Check a server endpoint string with Twisted's own parser; nothing is bound."""
     from twisted.internet import endpoints
 
     kind = description.split(":", 1)[0]
-    if kind not in ("tcp", "tcp6", "unix", "systemd", "ssl"):
+    if kind not in ("tcp", "tcp6", "unix", "systemd"):
         return f"unsupported endpoint type {kind!r} (use tcp:, tcp6:, unix: or systemd:)"
+    if kind == "systemd":
+        # sockets passed by systemd exist only under systemd: check the syntax here
+        opts = dict(f.partition("=")[::2] for f in description.split(":")[1:])
+        if set(opts) != {"domain", "index"} or opts["domain"] not in (
+                "INET", "INET6", "UNIX") or not opts["index"].isdigit():
+            return (f"invalid endpoint {description!r}: use "
+                    "systemd:domain=INET|INET6|UNIX:index=N")
+        return None
     try:
-        endpoints._parseServer(description, None)  # parse only; nothing is bound
-    except Exception as e:  # noqa: BLE001 - any parse failure is a config error
+        # the endpoint object only stores its reactor until it listens
+        endpoints.serverFromString(object(), description)
+    except (ValueError, TypeError, KeyError, OSError) as e:
         return f"invalid endpoint {description!r}: {e}"
+    if kind in ("tcp", "tcp6"):
+        fields = description.split(":")[1:]
+        plain = [f for f in fields if "=" not in f]
+        named = [f[5:] for f in fields if f.startswith("port=")]
+        port = (plain or named or ["0"])[0]
+        if not 0 <= int(port) <= 65535:
+            return f"invalid endpoint {description!r}: port {port} out of range"
     return None
 
 

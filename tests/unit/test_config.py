@@ -122,3 +122,15 @@ def test_example_config_in_repository_is_valid():
     cfg = load(Path(__file__).parents[2] / "etc" / "mailhost.toml")
     assert cfg.listen.smtp == ("tcp:25",)
     assert cfg.queue.lifetime == 5 * 86400
+
+
+def test_endpoint_strings_are_checked_without_binding():
+    from mailhost.config import _validate_endpoint as check
+
+    for good in ("tcp:25", "tcp:0:interface=127.0.0.1", "tcp6:587:interface=\\:\\:1",
+                 "unix:/run/mailhost/smtp.sock", "systemd:domain=INET:index=0"):
+        assert check(good) is None, good
+    for bad, why in (("tcp:abc", "invalid literal"), ("tcp:25:bogus=1", "bogus"),
+                     ("tcp:99999", "out of range"), ("ssl:465", "unsupported"),
+                     ("systemd:domain=X:index=0", "systemd:domain=")):
+        assert why in check(bad), bad
