@@ -85,3 +85,32 @@ def test_throttle_memory_is_bounded_under_a_flood_of_new_names():
     t.failure_delay("1.1.1.1", "z@x.org")
     t.prune()
     assert len(t._accounts) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_realm_serves_registered_interfaces_only(tmp_path):
+    """One realm for every protocol; an interface nobody registered fails the login
+    (twisted.cred's contract: the realm raises NotImplementedError, the Portal errbacks)."""
+    from twisted.cred.portal import Portal
+    from zope.interface import Interface
+
+    from mailhost.accounts import MailRealm, PasswdChecker
+
+    class IKnown(Interface):
+        pass
+
+    class IUnknown(Interface):
+        pass
+
+    path = tmp_path / "passwd"
+    change_accounts(path, lambda h: h.__setitem__("a@x.org", hash_password("pw")))
+    realm = MailRealm()
+    realm.register(IKnown, lambda key, mind: {"account": key})
+    portal = Portal(realm, [PasswdChecker(AccountDirectory(path, reactor))])
+    from twisted.cred.credentials import UsernamePassword
+
+    iface, avatar, logout = yield portal.login(UsernamePassword(b"A@x.org", b"pw"), None,
+                                               IKnown)
+    assert iface is IKnown and avatar == {"account": "a@x.org"}
+    with pytest.raises(NotImplementedError):
+        yield portal.login(UsernamePassword(b"a@x.org", b"pw"), None, IUnknown)
