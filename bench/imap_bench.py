@@ -32,7 +32,6 @@ import mailbox
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +40,8 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from benchproc import stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 DOMAIN = "localhost"
@@ -126,14 +127,7 @@ class Mailhost:
         log(f"mailhost up on 127.0.0.1:{self.port} (pid {self.proc.pid})")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        if not self.args.keep_tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        stop_server(self.proc, self.tmp, self.args.keep_tmp)
 
 
 # --------------------------------------------------------------------------- load

@@ -29,11 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from twisted.internet import defer, reactor, task  # noqa: E402
-from twisted.names import authority, client, common, dns, server  # noqa: E402
+from twisted.internet import defer, reactor, task
+from twisted.names import authority, client, common, dns, server
 
-from mailhost import config as config_mod  # noqa: E402
-from mailhost.queue.service import OutboundQueue  # noqa: E402
+from mailhost import config as config_mod
+from mailhost.queue.service import OutboundQueue
 
 
 class _Zone(authority.FileAuthority):

@@ -28,7 +28,6 @@ import os
 import pwd
 import random
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -36,6 +35,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchproc import stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS_HOMES = Path(os.environ.get("PEERS_HOMES", "/tmp/mailhost-peers/home"))
@@ -237,17 +238,7 @@ class Mailhost:
         raise SystemExit("mailhost did not start within 60s")
 
     def stop(self, keep: bool) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if keep:
-            log(f"kept {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        stop_server(self.proc, self.tmp, keep)
 
 
 # --------------------------------------------------------------------------- main

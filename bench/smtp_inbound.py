@@ -27,6 +27,7 @@ usage / setup errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -37,6 +38,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchproc import stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PEERS_DIR = REPO.parent / "shared" / "peers"
@@ -104,10 +107,8 @@ def read_banner(host: str, port: int, timeout: float = 10.0) -> str:
             if not chunk:
                 break
             data += chunk
-        try:
+        with contextlib.suppress(OSError):
             s.sendall(b"QUIT\r\n")
-        except OSError:
-            pass
     return data.decode("latin-1").strip()
 
 
@@ -255,20 +256,7 @@ class Mailhost:
         return f"--- last {lines} lines of {self.logfile} ---\n" + "\n".join(text[-lines:])
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                log("mailhost ignored SIGTERM for 15s; sending SIGKILL")
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-            if self.proc.returncode not in (0, -signal.SIGTERM):
-                log(f"twistd exited with status {self.proc.returncode}")
-        if self.args.keep_tmp:
-            log(f"kept {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        stop_server(self.proc, self.tmp, self.args.keep_tmp)
 
 
 # --------------------------------------------------------------------------- main

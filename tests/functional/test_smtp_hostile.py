@@ -6,16 +6,22 @@ from __future__ import annotations
 import pytest_twisted
 from twisted.internet import defer
 
+from tests.functional import test_smtp_inbound as inbound
 from tests.functional.conftest import in_thread
-from tests.functional.test_smtp_inbound import Raw, messages, mx_server, settle, survives
+from tests.functional.test_smtp_inbound import Raw, messages, survives
 
 
-@pytest_twisted.async_yield_fixture
-async def mx(tmp_path):
-    srv = await mx_server(tmp_path)
-    yield srv
-    await settle(srv)
-    await srv.stop()
+def open_data(mx) -> Raw:
+    """A raw session past EHLO, MAIL, RCPT alice and DATA (354): the body comes next."""
+    raw = Raw(mx.ports["smtp"])
+    raw.code()
+    raw.send(b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
+             b"DATA\r\n")
+    assert [raw.code() for _ in range(4)] == [250, 250, 250, 354]
+    return raw
+
+#: the MX-role server of the inbound tests, shared (one fixture, one definition)
+mx = inbound.mx
 
 
 @pytest_twisted.inlineCallbacks
@@ -52,11 +58,7 @@ def test_megabyte_line_in_command_and_data(mx):
 @pytest_twisted.inlineCallbacks
 def test_lf_dot_lf_does_not_end_data(mx):
     def run():
-        raw = Raw(mx.ports["smtp"])
-        raw.code()
-        raw.send(b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
-                 b"DATA\r\n")
-        assert [raw.code() for _ in range(4)] == [250, 250, 250, 354]
+        raw = open_data(mx)
         raw.send(b"Subject: smuggle\r\n\r\nfirst\n.\nMAIL FROM:<evil@remote.test>\n"
                  b"RCPT TO:<bob@example.org>\nDATA\nsmuggled\r\n.\r\n")
         end = raw.code()
@@ -208,11 +210,7 @@ def test_bare_cr_cannot_smuggle_a_dot_to_the_next_hop(mx):
     from mailhost.smtp.client import encode_data
 
     def run():
-        raw = Raw(mx.ports["smtp"])
-        raw.code()
-        raw.send(b"EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.org>\r\n"
-                 b"DATA\r\n")
-        assert [raw.code() for _ in range(4)] == [250, 250, 250, 354]
+        raw = open_data(mx)
         raw.send(b"Subject: cr\r\n\r\nfirst\r.\rMAIL FROM:<evil@remote.test>\r\n.\r\n")
         end = raw.code()
         raw.send(b"QUIT\r\n")
