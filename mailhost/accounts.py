@@ -184,7 +184,7 @@ class PasswdChecker:
     def __init__(self, directory: AccountDirectory) -> None:
         self.directory = directory
 
-    def requestAvatarId(self, credentials):  # noqa: N802 - twisted.cred API
+    def requestAvatarId(self, credentials):
         username = credentials.username
         if isinstance(username, bytes):
             try:
@@ -205,7 +205,7 @@ class MailRealm:
         """`factory(account_key, mind)` returns the avatar for `interface`."""
         self._factories[interface] = factory
 
-    def requestAvatar(self, avatarId, mind, *interfaces):  # noqa: N802 - twisted.cred API
+    def requestAvatar(self, avatarId, mind, *interfaces):
         if isinstance(avatarId, bytes):
             avatarId = avatarId.decode("utf-8")
         for iface in interfaces:

@@ -12,21 +12,21 @@ from zope.interface import Attribute, Interface
 class IRecipientPolicy(Interface):
     """Decides, per recipient, what happens to mail (RFC 5321 §4.1.1.3 RCPT time)."""
 
-    def decide_recipient(recipient, authenticated_as):  # noqa: N805
+    def decide_recipient(recipient, authenticated_as):  # noqa: N805 - zope.interface methods take no self
         """Return a `RecipientDecision` for an `Address`.
 
         `authenticated_as` is the account address string, or None for an
         unauthenticated (MX) client. May return a Deferred.
         """
 
-    def may_send_as(account, sender):  # noqa: N805
+    def may_send_as(account, sender):  # noqa: N805 - zope.interface methods take no self
         """True if `account` (str) may use envelope sender `sender` (Address or None)."""
 
 
 class IMailStore(Interface):
     """Durable local delivery into mailboxes."""
 
-    def open_delivery(mailboxes):  # noqa: N805
+    def open_delivery(mailboxes):  # noqa: N805 - zope.interface methods take no self
         """Start writing one message for a list of mailbox keys (`user@domain`).
 
         Returns an `IMessageWriter`.
@@ -38,28 +38,28 @@ class IMessageWriter(Interface):
 
     size = Attribute("bytes written so far")
 
-    def write(data):  # noqa: N805
+    def write(data):  # noqa: N805 - zope.interface methods take no self
         """Append bytes (LF line ends)."""
 
-    def commit():  # noqa: N805
+    def commit():
         """Flush, fsync and link into every mailbox's new/; Deferred -> list of paths."""
 
-    def abort():  # noqa: N805
+    def abort():
         """Remove what was written; nothing is delivered."""
 
 
 class IOutboundQueue(Interface):
     """The durable outbound queue (remote recipients, forwarding, DSNs)."""
 
-    def open_entry(sender, recipients, dsn_params):  # noqa: N805
+    def open_entry(sender, recipients, dsn_params):  # noqa: N805 - zope.interface methods take no self
         """Start a queue entry; returns an `IMessageWriter` whose commit enqueues it."""
 
 
 class IAccountDirectory(Interface):
     """The accounts of this server (the passwd file)."""
 
-    def exists(address):  # noqa: N805
+    def exists(address):  # noqa: N805 - zope.interface methods take no self
         """True if the account `user@domain` (lower-case key) exists now."""
 
-    def verify(address, password):  # noqa: N805
+    def verify(address, password):  # noqa: N805 - zope.interface methods take no self
         """Deferred -> the account key if the password is right, else failure."""

@@ -95,7 +95,7 @@ class POP3Server(pop3.POP3):
     def callLater(self, period: float, func: Any) -> Any:  # noqa: N802 - TimeoutMixin
         return self.ctx.clock.callLater(period, func)
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+    def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.client_ip = getattr(peer, "host", "-")
         if self.ctx.stopping:
@@ -116,7 +116,7 @@ class POP3Server(pop3.POP3):
         self.transport.write(reply + b"\r\n")
         self.transport.loseConnection()
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 - Twisted API
+    def connectionLost(self, reason: Any = None) -> None:
         self.connected = False
         if self.factory is not None:
             self.factory.sessions.discard(self)
@@ -134,7 +134,7 @@ class POP3Server(pop3.POP3):
                      role=self.role, account=self.account, retrieved=self.retrieved,
                      deleted=self.deleted_count, octets=self.octets_sent, result=self.result)
 
-    def timeoutConnection(self) -> None:  # noqa: N802 - TimeoutMixin
+    def timeoutConnection(self) -> None:
         """RFC 1939 §3 autologout: no UPDATE state, nothing is deleted."""
         self.result = "timeout"
         if self._sender is not None:  # the client stopped reading mid-message
@@ -145,7 +145,7 @@ class POP3Server(pop3.POP3):
 
     # --- input: lines, bounded, one command at a time ----------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def dataReceived(self, data: bytes) -> None:
         """Split into lines; run them one at a time, pausing reads while one is pending."""
         lines = (self._buffer + data).split(b"\r\n")
         self._buffer = lines.pop()
@@ -173,7 +173,7 @@ class POP3Server(pop3.POP3):
         finally:
             self._draining = False
 
-    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802 - Twisted API
+    def lineLengthExceeded(self, line: bytes) -> None:
         """Reply, drop what is buffered and close (TWISTED-NOTES: never keep the buffer)."""
         self._buffer = b""
         self._lines.clear()
@@ -201,7 +201,7 @@ class POP3Server(pop3.POP3):
 
         return d.addErrback(internal).addBoth(done)
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802 - Twisted API
+    def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
         if self._sasl_pending:
             self._sasl_pending = False
@@ -262,12 +262,12 @@ class POP3Server(pop3.POP3):
         caps.append(b"IMPLEMENTATION mailhost-" + __version__.encode("ascii"))
         return caps
 
-    def do_CAPA(self) -> None:  # noqa: N802
+    def do_CAPA(self) -> None:
         self.successResponse(b"Capability list follows")
         self.transport.writeSequence([c + b"\r\n" for c in self.listCapabilities()]
                                      + [b".\r\n"])
 
-    def do_STLS(self) -> None:  # noqa: N802
+    def do_STLS(self) -> None:
         """RFC 2595 §4; discard anything pipelined after STLS (command injection)."""
         if self.role != "pop3" or self.secure:
             self.failResponse(b"STLS not available: already under TLS")
@@ -279,13 +279,13 @@ class POP3Server(pop3.POP3):
         self.transport.startTLS(self.ctx.tls)
         self.secure = True
 
-    def do_USER(self, user: bytes) -> None:  # noqa: N802
+    def do_USER(self, user: bytes) -> None:
         if self._cleartext_refused():
             return
         self._userIs = user
         self.successResponse(b"send PASS")
 
-    def do_PASS(self, password: bytes) -> None:  # noqa: N802
+    def do_PASS(self, password: bytes) -> None:
         if self._cleartext_refused():
             return
         user, self._userIs = self._userIs, None
@@ -294,7 +294,7 @@ class POP3Server(pop3.POP3):
             return
         self._login(user, password)
 
-    def do_AUTH(self, mechanism: bytes | None = None, initial: bytes | None = None) -> None:  # noqa: N802
+    def do_AUTH(self, mechanism: bytes | None = None, initial: bytes | None = None) -> None:
         """RFC 5034: SASL PLAIN only (with or without an initial response)."""
         if mechanism is None:
             self.successResponse(b"SASL mechanisms follow")
@@ -393,11 +393,11 @@ class POP3Server(pop3.POP3):
             return None
         return number - 1
 
-    def do_STAT(self) -> None:  # noqa: N802
+    def do_STAT(self) -> None:
         messages, octets = self.mbox.totals()
         self.successResponse(f"{messages} {octets}")
 
-    def do_LIST(self, arg: bytes | None = None) -> None:  # noqa: N802
+    def do_LIST(self, arg: bytes | None = None) -> None:
         if arg is not None:
             i = self._message(arg)
             if i is not None:
@@ -410,7 +410,7 @@ class POP3Server(pop3.POP3):
         self.successResponse(f"{messages} messages ({octets} octets)")
         self.transport.writeSequence(lines + [b".\r\n"])
 
-    def do_UIDL(self, arg: bytes | None = None) -> None:  # noqa: N802
+    def do_UIDL(self, arg: bytes | None = None) -> None:
         if arg is not None:
             i = self._message(arg)
             if i is not None:
@@ -423,12 +423,12 @@ class POP3Server(pop3.POP3):
         self.successResponse(b"")
         self.transport.writeSequence(lines + [b".\r\n"])
 
-    def do_RETR(self, arg: bytes) -> None:  # noqa: N802
+    def do_RETR(self, arg: bytes) -> None:
         i = self._message(arg)
         if i is not None:
             self._long(self._send(i, None))
 
-    def do_TOP(self, arg: bytes, lines: bytes) -> None:  # noqa: N802
+    def do_TOP(self, arg: bytes, lines: bytes) -> None:
         i = self._message(arg)
         if i is None:
             return
@@ -483,18 +483,18 @@ class POP3Server(pop3.POP3):
 
         return self.mbox.open_message(i).addCallback(opened).addErrback(failed)
 
-    def do_DELE(self, arg: bytes) -> None:  # noqa: N802
+    def do_DELE(self, arg: bytes) -> None:
         i = self._message(arg)
         if i is not None:
             self.mbox.deleteMessage(i)
             self.successResponse(f"message {i + 1} deleted")
 
-    def do_RSET(self) -> None:  # noqa: N802
+    def do_RSET(self) -> None:
         self.mbox.undeleteMessages()
         messages, octets = self.mbox.totals()
         self.successResponse(f"maildrop has {messages} messages ({octets} octets)")
 
-    def do_QUIT(self) -> None:  # noqa: N802
+    def do_QUIT(self) -> None:
         """RFC 1939 §6: the UPDATE state removes what DELE marked, then the goodbye."""
         self._quitting = True
         if self.mbox is None:
@@ -535,13 +535,13 @@ class POP3Factory(protocol.ServerFactory):
         ctx.realm.register(pop3.IMailbox, lambda key, mind: MaildirMaildrop(
             key, ctx.store.mailbox_path(key), ctx.reactor))
 
-    def buildProtocol(self, addr: Any) -> POP3Server:  # noqa: N802 - Twisted API
+    def buildProtocol(self, addr: Any) -> POP3Server:
         proto = POP3Server(self.ctx, self.role)
         proto.factory = self
         self.sessions.add(proto)
         return proto
 
-    def stopFactory(self) -> None:  # noqa: N802 - Twisted API
+    def stopFactory(self) -> None:
         """Server shutdown: end open sessions without the UPDATE state."""
         for session in list(self.sessions):
             if session.transport is not None and session.connected:

@@ -195,7 +195,7 @@ class MaildirMaildrop:
     def _open_file(self, i: int) -> BinaryIO:
         entry = self.entries[i]
         try:
-            return open(entry.path, "rb")  # noqa: SIM115 - the sender closes it
+            return open(entry.path, "rb")
         except FileNotFoundError:
             pass
         # renamed by another session (flags) or removed: rescan once and retry
@@ -206,7 +206,7 @@ class MaildirMaildrop:
             raise MessageGone(f"message {i + 1} was removed by another session")
         self.entries[i] = live
         try:
-            return open(live.path, "rb")  # noqa: SIM115
+            return open(live.path, "rb")
         except FileNotFoundError:
             raise MessageGone(f"message {i + 1} was removed by another session") from None
 

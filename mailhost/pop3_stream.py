@@ -94,7 +94,7 @@ class MessageSender:
         self.transport.registerProducer(self, False)
         return self.deferred
 
-    def resumeProducing(self) -> None:  # noqa: N802 - Twisted API
+    def resumeProducing(self) -> None:
         if self.fp is None:
             return
         try:
@@ -133,7 +133,7 @@ class MessageSender:
         else:
             self.deferred.errback(error)
 
-    def stopProducing(self) -> None:  # noqa: N802 - Twisted API
+    def stopProducing(self) -> None:
         fp, self.fp = self.fp, None
         if fp is not None:
             fp.close()

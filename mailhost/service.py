@@ -7,6 +7,7 @@ each protocol factory; nothing is imported globally (DESIGN.md: pass the world i
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import weakref
 from collections import Counter
@@ -163,7 +164,7 @@ class MailhostService(service.MultiService):
         self.ctx = ctx
         self.listeners: dict[str, list[StreamServerEndpointService]] = {}
 
-    def startService(self) -> None:  # noqa: N802 - Twisted API
+    def startService(self) -> None:
         log.info("mailhost starting: hostname={hostname} data_dir={data_dir}",
                  hostname=self.ctx.config.hostname, data_dir=str(self.ctx.config.data_dir))
         if self.ctx.accounts.pool is not None:
@@ -185,13 +186,12 @@ class MailhostService(service.MultiService):
             if callable(previous) and previous not in (signal.SIG_IGN, signal.SIG_DFL):
                 previous(signum, frame)
 
-        try:
+        # outside the main thread (tests) this is refused; reload is still callable
+        with contextlib.suppress(ValueError):
             signal.signal(signal.SIGHUP, on_hup)
-        except ValueError:  # not the main thread (tests): reload is still callable
-            pass
 
     @defer.inlineCallbacks
-    def stopService(self):  # noqa: N802 - Twisted API
+    def stopService(self):
         self.ctx.stopping = True
         log.info("mailhost stopping: no new connections; waiting for {n} transaction(s)",
                  n=len(self.ctx.inflight))
@@ -216,7 +216,7 @@ class MailhostService(service.MultiService):
         log.info("mailhost stopped")
 
 
-def makeService(config: Config, reactor: Any = None, clock: Any = None,  # noqa: N802
+def makeService(config: Config, reactor: Any = None, clock: Any = None,
                 ctx: ServerContext | None = None) -> MailhostService:
     """Build the server for `config` on `reactor` (the global one when None)."""
     if reactor is None:

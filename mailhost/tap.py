@@ -14,7 +14,7 @@ class Options(usage.Options):
         ["config", "c", None, "path to mailhost.toml (default: the embedded default config)"],
     ]
 
-    def postOptions(self) -> None:  # noqa: N802 - Twisted API
+    def postOptions(self) -> None:
         try:
             self["parsed"] = load(self["config"])
         except ConfigError as e:
@@ -22,7 +22,7 @@ class Options(usage.Options):
                 from None
 
 
-def makeService(options: Options):  # noqa: N802 - Twisted API
+def makeService(options: Options):
     """Build the service from validated options; TLS/data-dir problems exit cleanly."""
     from mailhost.service import makeService as make
     from mailhost.tls import TLSConfigError

@@ -115,8 +115,8 @@ class ServerTLS:
         log.info("certificate reloaded from {path}", path=str(self.cert_path))
         return True
 
-    def getContext(self) -> SSL.Context:  # noqa: N802 - Twisted API
+    def getContext(self) -> SSL.Context:
         return self._options.getContext()
 
-    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:  # noqa: N802, N803
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         return SSL.Connection(self._options.getContext(), None)

@@ -7,6 +7,7 @@ Courier store them); only canonical forms are accepted and no name can leave the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -322,10 +323,10 @@ class IMAPAccount:
             self._write_subscriptions(subs + [name])
 
     def unsubscribe(self, name: str) -> None:
-        try:
-            name = validate_name(name)  # the canonical form, as subscribe stored it
-        except CommandFailed:
-            pass  # not a valid name: can only match a raw entry in the file
+        # the canonical form, as subscribe stored it; an invalid name can only match a raw
+        # entry in the file
+        with contextlib.suppress(CommandFailed):
+            name = validate_name(name)
         subs = self.subscriptions()
         if name in subs:
             self._write_subscriptions([s for s in subs if s != name])

@@ -32,16 +32,16 @@ class SessionCommands:
 
     # --- any state (RFC 3501 §6.1) --------------------------------------------------------
 
-    def cmd_CAPABILITY(self, tag: bytes, args: Args, uid: bool) -> str:  # noqa: N802
+    def cmd_CAPABILITY(self, tag: bytes, args: Args, uid: bool) -> str:
         args.end()
         self.send(b"* CAPABILITY " + self.capabilities())
         return ""
 
-    def cmd_NOOP(self, tag: bytes, args: Args, uid: bool) -> str:  # noqa: N802
+    def cmd_NOOP(self, tag: bytes, args: Args, uid: bool) -> str:
         args.end()
         return ""
 
-    def cmd_LOGOUT(self, tag: bytes, args: Args, uid: bool) -> None:  # noqa: N802
+    def cmd_LOGOUT(self, tag: bytes, args: Args, uid: bool) -> None:
         args.end()
         self.send(b"* BYE mailhost logging out")
         self.send(tag + b" OK LOGOUT completed")
@@ -52,7 +52,7 @@ class SessionCommands:
         self.transport.loseConnection()
         raise Silent()
 
-    def cmd_ID(self, tag: bytes, args: Args, uid: bool) -> str:  # noqa: N802
+    def cmd_ID(self, tag: bytes, args: Args, uid: bool) -> str:
         """RFC 2971: the client's parameters are read and ignored."""
         args.sp()
         if not args.accept(b"("):
@@ -67,7 +67,7 @@ class SessionCommands:
 
     # --- not authenticated (RFC 3501 §6.2) ------------------------------------------------
 
-    def cmd_STARTTLS(self, tag: bytes, args: Args, uid: bool) -> str:  # noqa: N802
+    def cmd_STARTTLS(self, tag: bytes, args: Args, uid: bool) -> str:
         args.end()
         if self.role != "imap" or self.tls:
             raise BadCommand("TLS is already active")
@@ -79,7 +79,7 @@ class SessionCommands:
         self.tls = True
         raise Silent()
 
-    def cmd_LOGIN(self, tag: bytes, args: Args, uid: bool) -> defer.Deferred:  # noqa: N802
+    def cmd_LOGIN(self, tag: bytes, args: Args, uid: bool) -> defer.Deferred:
         args.sp()
         user = args.astring()
         args.sp()
@@ -87,7 +87,7 @@ class SessionCommands:
         args.end()
         return self._login(user, password)
 
-    def cmd_AUTHENTICATE(self, tag: bytes, args: Args, uid: bool) -> Any:  # noqa: N802
+    def cmd_AUTHENTICATE(self, tag: bytes, args: Args, uid: bool) -> Any:
         """RFC 3501 §6.2.2 with SASL-IR (RFC 4959): PLAIN and LOGIN."""
         args.sp()
         mech = args.atom().upper()
@@ -173,12 +173,12 @@ class SessionCommands:
 
     # --- authenticated, any (RFC 2342, RFC 5161) -------------------------------------------
 
-    def cmd_NAMESPACE(self, tag: bytes, args: Args, uid: bool) -> str:  # noqa: N802
+    def cmd_NAMESPACE(self, tag: bytes, args: Args, uid: bool) -> str:
         args.end()
         self.send(b'* NAMESPACE (("" ".")) NIL NIL')
         return ""
 
-    def cmd_ENABLE(self, tag: bytes, args: Args, uid: bool) -> str:  # noqa: N802
+    def cmd_ENABLE(self, tag: bytes, args: Args, uid: bool) -> str:
         """RFC 5161: nothing we offer needs enabling; answer with an empty ENABLED."""
         args.sp()
         args.atom()

@@ -39,7 +39,7 @@ class MailboxCommands:
                 self.state = "auth"
 
     @defer.inlineCallbacks
-    def cmd_SELECT(self, tag: bytes, args: Args, uid: bool, readonly: bool = False):  # noqa: N802
+    def cmd_SELECT(self, tag: bytes, args: Args, uid: bool, readonly: bool = False):
         args.sp()
         name = args.mailbox()
         if args.accept(b" "):  # select parameters (RFC 4466): none supported
@@ -79,12 +79,12 @@ class MailboxCommands:
         return ("[READ-ONLY] EXAMINE completed" if readonly else
                 "[READ-WRITE] SELECT completed")
 
-    def cmd_EXAMINE(self, tag: bytes, args: Args, uid: bool):  # noqa: N802
+    def cmd_EXAMINE(self, tag: bytes, args: Args, uid: bool):
         return self.cmd_SELECT(tag, args, uid, readonly=True)
 
     # --- CREATE / DELETE / RENAME / SUBSCRIBE (RFC 3501 §6.3.3-7) ----------------------------
 
-    def cmd_CREATE(self, tag: bytes, args: Args, uid: bool) -> str:  # noqa: N802
+    def cmd_CREATE(self, tag: bytes, args: Args, uid: bool) -> str:
         args.sp()
         name = args.mailbox()
         args.end()
@@ -92,7 +92,7 @@ class MailboxCommands:
         return ""
 
     @defer.inlineCallbacks
-    def cmd_DELETE(self, tag: bytes, args: Args, uid: bool):  # noqa: N802
+    def cmd_DELETE(self, tag: bytes, args: Args, uid: bool):
         args.sp()
         name = validate_name(args.mailbox())
         args.end()
@@ -102,7 +102,7 @@ class MailboxCommands:
         return ""
 
     @defer.inlineCallbacks
-    def cmd_RENAME(self, tag: bytes, args: Args, uid: bool):  # noqa: N802
+    def cmd_RENAME(self, tag: bytes, args: Args, uid: bool):
         args.sp()
         old = validate_name(args.mailbox())
         args.sp()
@@ -114,14 +114,14 @@ class MailboxCommands:
         yield self.blocking(self.account.rename, old, new)
         return ""
 
-    def cmd_SUBSCRIBE(self, tag: bytes, args: Args, uid: bool) -> str:  # noqa: N802
+    def cmd_SUBSCRIBE(self, tag: bytes, args: Args, uid: bool) -> str:
         args.sp()
         name = args.mailbox()
         args.end()
         self.account.subscribe(name)
         return ""
 
-    def cmd_UNSUBSCRIBE(self, tag: bytes, args: Args, uid: bool) -> str:  # noqa: N802
+    def cmd_UNSUBSCRIBE(self, tag: bytes, args: Args, uid: bool) -> str:
         args.sp()
         name = args.mailbox()
         args.end()
@@ -154,7 +154,7 @@ class MailboxCommands:
         args.end()
         return options, reference, patterns
 
-    def cmd_LIST(self, tag: bytes, args: Args, uid: bool, lsub: bool = False) -> str:  # noqa: N802
+    def cmd_LIST(self, tag: bytes, args: Args, uid: bool, lsub: bool = False) -> str:
         options, reference, patterns = self._list_args(args)
         verb = b"LSUB" if lsub else b"LIST"
         if patterns == [""]:
@@ -193,13 +193,13 @@ class MailboxCommands:
                       istring(info.name))
         return ""
 
-    def cmd_LSUB(self, tag: bytes, args: Args, uid: bool) -> str:  # noqa: N802
+    def cmd_LSUB(self, tag: bytes, args: Args, uid: bool) -> str:
         return self.cmd_LIST(tag, args, uid, lsub=True)
 
     # --- STATUS (RFC 3501 §6.3.10) -------------------------------------------------------
 
     @defer.inlineCallbacks
-    def cmd_STATUS(self, tag: bytes, args: Args, uid: bool):  # noqa: N802
+    def cmd_STATUS(self, tag: bytes, args: Args, uid: bool):
         args.sp()
         name = validate_name(args.mailbox())
         args.sp()
@@ -226,7 +226,7 @@ class MailboxCommands:
     # --- APPEND (RFC 3501 §6.3.11, RFC 4315 APPENDUID) ---------------------------------------
 
     @defer.inlineCallbacks
-    def cmd_APPEND(self, tag: bytes, args: Args, uid: bool):  # noqa: N802
+    def cmd_APPEND(self, tag: bytes, args: Args, uid: bool):
         args.sp()
         name = validate_name(args.mailbox())
         args.sp()
@@ -258,7 +258,7 @@ class MailboxCommands:
                                     date, self)
         return f"[APPENDUID {index.uidvalidity} {entry.uid}] APPEND completed"
 
-    def cmd_IDLE(self, tag: bytes, args: Args, uid: bool):  # noqa: N802
+    def cmd_IDLE(self, tag: bytes, args: Args, uid: bool):
         args.end()
         return self.start_idle()
 

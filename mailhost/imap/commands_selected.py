@@ -85,12 +85,12 @@ class SelectedCommands:
 
     # --- CHECK / CLOSE / UNSELECT / EXPUNGE ----------------------------------------------
 
-    def cmd_CHECK(self, tag: bytes, args: Args, uid: bool) -> str:  # noqa: N802
+    def cmd_CHECK(self, tag: bytes, args: Args, uid: bool) -> str:
         args.end()
         return ""
 
     @defer.inlineCallbacks
-    def cmd_CLOSE(self, tag: bytes, args: Args, uid: bool):  # noqa: N802
+    def cmd_CLOSE(self, tag: bytes, args: Args, uid: bool):
         """RFC 3501 §6.4.2: expunge silently, then deselect."""
         args.end()
         folder = self.selected
@@ -101,13 +101,13 @@ class SelectedCommands:
         self.deselect()
         return ""
 
-    def cmd_UNSELECT(self, tag: bytes, args: Args, uid: bool) -> str:  # noqa: N802
+    def cmd_UNSELECT(self, tag: bytes, args: Args, uid: bool) -> str:
         args.end()
         self.deselect()
         return ""
 
     @defer.inlineCallbacks
-    def cmd_EXPUNGE(self, tag: bytes, args: Args, uid: bool):  # noqa: N802
+    def cmd_EXPUNGE(self, tag: bytes, args: Args, uid: bool):
         wanted = None
         if uid:  # RFC 4315 §2.1 UID EXPUNGE
             args.sp()
@@ -124,7 +124,7 @@ class SelectedCommands:
     # --- SEARCH (RFC 3501 §6.4.4) ----------------------------------------------------------
 
     @defer.inlineCallbacks
-    def cmd_SEARCH(self, tag: bytes, args: Args, uid: bool):  # noqa: N802
+    def cmd_SEARCH(self, tag: bytes, args: Args, uid: bool):
         args.sp()
         tree = parse_search(args)
         folder = self.selected
@@ -151,7 +151,7 @@ class SelectedCommands:
     # --- FETCH (RFC 3501 §6.4.5) -----------------------------------------------------------
 
     @defer.inlineCallbacks
-    def cmd_FETCH(self, tag: bytes, args: Args, uid: bool):  # noqa: N802
+    def cmd_FETCH(self, tag: bytes, args: Args, uid: bool):
         args.sp()
         positions = self._positions(args, uid)
         args.sp()
@@ -205,7 +205,7 @@ class SelectedCommands:
     # --- STORE (RFC 3501 §6.4.6) -----------------------------------------------------------
 
     @defer.inlineCallbacks
-    def cmd_STORE(self, tag: bytes, args: Args, uid: bool):  # noqa: N802
+    def cmd_STORE(self, tag: bytes, args: Args, uid: bool):
         args.sp()
         positions = self._positions(args, uid)
         args.sp()
@@ -243,7 +243,7 @@ class SelectedCommands:
     # --- COPY / MOVE (RFC 3501 §6.4.7, RFC 4315, RFC 6851) -----------------------------------
 
     @defer.inlineCallbacks
-    def cmd_COPY(self, tag: bytes, args: Args, uid: bool, move: bool = False):  # noqa: N802
+    def cmd_COPY(self, tag: bytes, args: Args, uid: bool, move: bool = False):
         args.sp()
         positions = self._positions(args, uid)
         args.sp()
@@ -267,7 +267,7 @@ class SelectedCommands:
         yield self.blocking(folder.index.expunge, [a for a, _ in pairs], self)
         return "MOVE completed"
 
-    def cmd_MOVE(self, tag: bytes, args: Args, uid: bool):  # noqa: N802
+    def cmd_MOVE(self, tag: bytes, args: Args, uid: bool):
         return self.cmd_COPY(tag, args, uid, move=True)
 
     # --- IDLE (RFC 2177) ---------------------------------------------------------------------
@@ -341,16 +341,16 @@ class _Throttle:
         except RuntimeError:  # another producer is registered: no flow control
             pass
 
-    def pauseProducing(self) -> None:  # noqa: N802 - IPushProducer
+    def pauseProducing(self) -> None:
         self.paused = True
 
-    def resumeProducing(self) -> None:  # noqa: N802 - IPushProducer
+    def resumeProducing(self) -> None:
         self.paused = False
         waiter, self._waiter = self._waiter, None
         if waiter is not None:
             waiter.callback(None)
 
-    def stopProducing(self) -> None:  # noqa: N802 - IPushProducer
+    def stopProducing(self) -> None:
         self.resumeProducing()
 
     def wait(self, clock: Any) -> defer.Deferred:

@@ -92,7 +92,7 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
 
     # --- connection -----------------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+    def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.ip = getattr(peer, "host", "?")
         if not self.ctx.connections.acquire(self.ip):
@@ -105,7 +105,7 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
         self._reset_timeout()
         self.send(b"* OK [CAPABILITY " + self.capabilities() + b"] mailhost IMAP4rev1 ready")
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 - Twisted API
+    def connectionLost(self, reason: Any = None) -> None:
         self._closed = True
         self.factory.open.discard(self)
         if self._counted:
@@ -161,7 +161,7 @@ class IMAPServer(protocol.Protocol, SessionCommands, MailboxCommands, SelectedCo
 
     # --- reading: lines and literals (RFC 3501 §4.3, RFC 7888) ----------------------------
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def dataReceived(self, data: bytes) -> None:
         self._buf += data
         self._reset_timeout()
         self._pump()
@@ -478,7 +478,7 @@ class IMAPFactory(protocol.ServerFactory):
         ctx.realm.register(IIMAPAccount, lambda key, mind: IMAPAccount(
             key, ctx.store.mailbox_path(key)))
 
-    def buildProtocol(self, addr: Any) -> IMAPServer:  # noqa: N802 - Twisted API
+    def buildProtocol(self, addr: Any) -> IMAPServer:
         proto = IMAPServer(self.ctx, self.role, self)
         proto.factory = self
         return proto

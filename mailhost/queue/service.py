@@ -150,7 +150,7 @@ class OutboundQueue(service.Service):
 
     # -- service ---------------------------------------------------------------------
 
-    def startService(self) -> None:  # noqa: N802 - Twisted API
+    def startService(self) -> None:
         super().startService()
         d = self.spool.load_all()
 
@@ -166,7 +166,7 @@ class OutboundQueue(service.Service):
         d.addErrback(lambda f: (log.failure("queue could not be loaded", f),
                                 self.ready.errback(f)))
 
-    def stopService(self) -> defer.Deferred[None]:  # noqa: N802 - Twisted API
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         loading = getattr(self, "_loading", None)
         if loading is not None and not loading.called:

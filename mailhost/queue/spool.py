@@ -13,6 +13,7 @@ missing data file. No pickle: envelopes are plain JSON that an operator can read
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -286,7 +287,7 @@ class SpoolWriter:
             if not files.tmp.is_dir():
                 files.ensure()
             self._tmp = files.tmp / f"{self.envelope.id}.msg.{secrets.token_hex(4)}.tmp"
-            self._file = open(self._tmp, "xb", buffering=1 << 20)  # noqa: SIM115
+            self._file = open(self._tmp, "xb", buffering=1 << 20)  # noqa: SIM115 - closed at commit or abort
         self._file.writelines(self._chunks)
         self._chunks, self._buffered = [], 0
 
@@ -331,10 +332,8 @@ class SpoolWriter:
 
 def _unlink_quietly(path: Path | None) -> None:
     if path is not None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 class Spool:

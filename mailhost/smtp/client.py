@@ -378,7 +378,7 @@ async def run_transaction(proto: SMTPReplyProtocol, txn: Transaction) -> Transac
     except HostFailure:
         proto.quit()
         raise
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure before MAIL means: try the next host
         raise HostFailure(_reason(Failure(), stage)) from None
 
     replies: dict[str, Reply] = {}
@@ -410,7 +410,7 @@ async def run_transaction(proto: SMTPReplyProtocol, txn: Transaction) -> Transac
         reply = await proto.next_reply()  # RFC 5321 §4.5.3.2.6 (command_timeout)
         replies.update({r: reply for r in accepted})
         proto.quit()
-    except Exception:
+    except Exception:  # noqa: BLE001 - recorded per recipient; the scheduler retries
         failure = Failure()
         lost = _reason(failure, stage)
         for r in txn.recipients:

@@ -148,40 +148,40 @@ class CommandsMixin:
         else:
             self.sendCode(250, self.host)
 
-    def do_HELO(self, rest: bytes) -> None:  # noqa: N802
+    def do_HELO(self, rest: bytes) -> None:
         self._greet(rest, esmtp=False)
 
-    def do_EHLO(self, rest: bytes) -> None:  # noqa: N802
+    def do_EHLO(self, rest: bytes) -> None:
         self._greet(rest, esmtp=True)
 
-    def do_RSET(self, rest: bytes) -> None:  # noqa: N802
+    def do_RSET(self, rest: bytes) -> None:
         if rest:
             self.reply(501, "5.5.4", "Syntax: RSET")
             return
         self.reset_transaction()
         self.reply(250, "2.0.0", "Ok")
 
-    def do_NOOP(self, rest: bytes) -> None:  # noqa: N802 - RFC 5321 §4.1.1.9
+    def do_NOOP(self, rest: bytes) -> None:
         self.reply(250, "2.0.0", "Ok")
 
-    def do_VRFY(self, rest: bytes) -> None:  # noqa: N802 - RFC 5321 §3.5.3, no enumeration
+    def do_VRFY(self, rest: bytes) -> None:
         if not rest:
             self.reply(501, "5.5.4", "Syntax: VRFY address")
             return
         self.reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt "
                                  "delivery")
 
-    def do_EXPN(self, rest: bytes) -> None:  # noqa: N802 - RFC 5321 §3.5.2: may be disabled
+    def do_EXPN(self, rest: bytes) -> None:
         self.reply(502, "5.5.1", "Error: command not implemented")
 
-    def do_HELP(self, rest: bytes) -> None:  # noqa: N802 - RFC 5321 §4.1.1.8
+    def do_HELP(self, rest: bytes) -> None:
         self.reply(214, *HELP_TEXT.split(" ", 1))
 
-    def do_QUIT(self, rest: bytes) -> None:  # noqa: N802
+    def do_QUIT(self, rest: bytes) -> None:
         self.reply(221, "2.0.0", "Bye")
         self._close()
 
-    def do_GET(self, rest: bytes) -> None:  # noqa: N802
+    def do_GET(self, rest: bytes) -> None:
         """A web client or proxy talking to the SMTP port (cross-protocol attack): close,
         as Postfix does for its smtpd_forbidden_commands."""
         self.reply(221, "2.7.0", "Error: not an HTTP server, goodbye")
@@ -189,12 +189,12 @@ class CommandsMixin:
 
     do_POST = do_CONNECT = do_GET
 
-    def do_UNKNOWN(self, rest: bytes) -> None:  # noqa: N802
+    def do_UNKNOWN(self, rest: bytes) -> None:
         self.reply(500, "5.5.2", "Error: command not recognized")
 
     # --- STARTTLS (RFC 3207) -----------------------------------------------------------
 
-    def ext_STARTTLS(self, rest: bytes) -> None:  # noqa: N802
+    def ext_STARTTLS(self, rest: bytes) -> None:
         if rest:
             self.reply(501, "5.5.4", "Syntax: STARTTLS")
             return
@@ -215,7 +215,7 @@ class CommandsMixin:
 
     # --- AUTH (RFC 4954) -------------------------------------------------------------
 
-    def ext_AUTH(self, rest: bytes) -> None:  # noqa: N802
+    def ext_AUTH(self, rest: bytes) -> None:
         if not self.auth_enabled:
             self.reply(503, "5.5.1", "Error: authentication not enabled")
             return
@@ -287,7 +287,7 @@ class CommandsMixin:
 
     # --- the mail transaction (RFC 5321 §3.3) ------------------------------------------
 
-    def do_MAIL(self, rest: bytes) -> None:  # noqa: N802
+    def do_MAIL(self, rest: bytes) -> None:
         if self.helo_name is None:
             self.reply(503, "5.5.1", "Error: send HELO/EHLO first")
             return
@@ -354,7 +354,7 @@ class CommandsMixin:
                 raise ParamError(Reply(555, "5.5.4", f"Unsupported option: {name}"))
         return body, size
 
-    def do_RCPT(self, rest: bytes) -> None:  # noqa: N802
+    def do_RCPT(self, rest: bytes) -> None:
         env = self.envelope
         if env is None:
             self.reply(503, "5.5.1", "Error: need MAIL command")
@@ -403,7 +403,7 @@ class CommandsMixin:
         env.forward.update(dict.fromkeys(decision.forward))
         self.reply(250, decision.status or "2.1.5", "Ok")
 
-    def do_DATA(self, rest: bytes) -> None:  # noqa: N802
+    def do_DATA(self, rest: bytes) -> None:
         env = self.envelope
         if env is None:
             self.reply(503, "5.5.1", "Error: need MAIL command")

@@ -10,6 +10,7 @@ copies are removed again and the client gets a 4xx.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -162,10 +163,8 @@ class MessageSink:
 
 def _unlink_all(paths: list[Path]) -> None:
     for path in paths:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
 
 
 class MessageStream:

@@ -77,7 +77,7 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
         """TimeoutMixin's timer, on the injected clock (not the global reactor)."""
         return self.ctx.clock.callLater(period, func)
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted API
+    def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.client_ip = str(getattr(peer, "host", peer))
         self._helo = (None, self.client_ip)
@@ -97,7 +97,7 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
         self._session_timer = self.ctx.clock.callLater(self.limits.session_length,
                                                        self._session_expired)
 
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
         self._closing = True
         if self.stream is not None:
@@ -117,7 +117,7 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
                      client_ip=self.client_ip, messages=self.message_count,
                      account=self.account)
 
-    def timeoutConnection(self) -> None:  # noqa: N802 - TimeoutMixin API
+    def timeoutConnection(self) -> None:
         """RFC 5321 §4.5.3.2: idle too long."""
         self._shutdown(Reply(421, "4.4.2", "Error: timeout exceeded"))
 
@@ -137,7 +137,7 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
         self._buf, self._pos = b"", 0
         self.transport.loseConnection()
 
-    def handshakeCompleted(self) -> None:  # noqa: N802 - IHandshakeListener
+    def handshakeCompleted(self) -> None:
         """Record the negotiated TLS version and cipher (for Received and the log)."""
         try:
             conn = self.transport.getHandle()
@@ -170,7 +170,7 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
 
     # --- framing -------------------------------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted API
+    def dataReceived(self, data: bytes) -> None:
         """Bounded line framing replacing LineOnlyReceiver's (TWISTED-NOTES.md)."""
         if self._closing:
             return
@@ -228,7 +228,7 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
         self._buf, self._pos = keep, 0
         self._skip_line = True
 
-    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802 - LineOnlyReceiver API
+    def lineLengthExceeded(self, line: bytes) -> None:
         """Unused by our framing (dataReceived is replaced); kept safe: reply and skip."""
         self._line_too_long()
         self._discard_partial()
@@ -345,7 +345,7 @@ class SMTPSession(commands.CommandsMixin, smtp.ESMTP):
         """Run a handler; an unexpected exception becomes a 451, never a dropped session."""
         try:
             fn(*args)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - the session boundary: 451, never a traceback
             log.failure("smtp session {session}: internal error", session=self.session_id)
             self.mode = COMMAND
             self.sasl = None
@@ -374,7 +374,7 @@ class SMTPFactory(protocol.ServerFactory):
         self.role = role
         ctx.realm.register(ISMTPSubmitter, lambda key, mind: Submitter(key))
 
-    def buildProtocol(self, addr: Any) -> SMTPSession:  # noqa: N802 - Twisted API
+    def buildProtocol(self, addr: Any) -> SMTPSession:
         session = SMTPSession(self.ctx, self.role)
         session.factory = self
         return session

@@ -18,6 +18,7 @@ Methods are thread-safe; callers may run `sync` in a worker thread for large fol
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -266,12 +267,12 @@ class FolderIndex:
         with self._lock:
             now = time.time_ns()
             stamp = self._stamp()
-            if not force and stamp == self._dir_stamp:
-                if now < self._recheck_at or not self._unknown_in_new():
-                    if now >= self._recheck_at:  # the recheck found nothing new
-                        fresh = now - max(stamp) < 2_000_000_000
-                        self._recheck_at = now + 1_000_000_000 if fresh else float("inf")
-                    return FolderChanges()
+            unchanged = not force and stamp == self._dir_stamp
+            if unchanged and (now < self._recheck_at or not self._unknown_in_new()):
+                if now >= self._recheck_at:  # the recheck found nothing new
+                    fresh = now - max(stamp) < 2_000_000_000
+                    self._recheck_at = now + 1_000_000_000 if fresh else float("inf")
+                return FolderChanges()
             present: dict[str, tuple[str, str]] = {}
             for sub in ("new", "cur"):
                 with os.scandir(self.folder / sub) as it:
@@ -393,10 +394,8 @@ class FolderIndex:
                 if entry is None:
                     continue
                 self._by_base.pop(entry.base, None)
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
-                except FileNotFoundError:
-                    pass
                 removed.append(uid)
             if removed:
                 self._rewrite()

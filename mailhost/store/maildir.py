@@ -9,6 +9,7 @@ tools see them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -110,7 +111,7 @@ class MaildirWriter:
         self._lines += data.count(b"\n")
         if self._buffered > SPILL_SIZE:
             if self._file is None:
-                self._file = open(self._tmp, "xb", buffering=1 << 20)  # noqa: SIM115
+                self._file = open(self._tmp, "xb", buffering=1 << 20)  # noqa: SIM115 - closed at commit or abort
             self._file.writelines(self._chunks)
             self._chunks, self._buffered = [], 0
 
@@ -172,10 +173,8 @@ def _copy_durably(src: Path, tmp: Path, target: Path) -> None:
 
 
 def _unlink_quietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 @implementer(IMailStore)

@@ -34,7 +34,7 @@ class MemoryAuthority(authority.FileAuthority):
         #: names answered with SERVFAIL (a temporary DNS failure)
         self.servfail: set[bytes] = set()
 
-    def _lookup(self, name, cls, type, timeout=None):  # noqa: A002 - Twisted's signature
+    def _lookup(self, name, cls, type, timeout=None):
         if name.lower() in self.servfail:
             return defer.fail(RuntimeError("simulated server failure"))
         return super()._lookup(name, cls, type, timeout)

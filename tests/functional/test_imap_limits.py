@@ -143,7 +143,7 @@ async def test_append_literal_plus_and_limits_per_account_and_ip(tmp_path):
 
 
 class _Client(imap4.IMAP4Client):
-    def serverGreeting(self, caps):  # noqa: N802
+    def serverGreeting(self, caps):
         self.factory.ready.callback(self)
 
 

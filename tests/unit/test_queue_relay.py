@@ -23,7 +23,7 @@ class FakeResolver:
                for n, p in self.answers[(qtype, name)]]
         return defer.succeed((rrs, [], []))
 
-    def lookupMailExchange(self, name):  # noqa: N802 - twisted.names API
+    def lookupMailExchange(self, name):
         return self._lookup(dns.MX, name)
 
     def lookupAddress(self, name):  # noqa: N802

@@ -16,7 +16,7 @@ class MailhostServiceMaker:
 
         return Options
 
-    def makeService(self, options):  # noqa: N802 - Twisted API
+    def makeService(self, options):
         from mailhost.tap import makeService
 
         return makeService(options)
