@@ -12,21 +12,21 @@ from zope.interface import Attribute, Interface
 class IRecipientPolicy(Interface):
     """Decides, per recipient, what happens to mail (RFC 5321 §4.1.1.3 RCPT time)."""
 
-    def decide_recipient(recipient, authenticated_as):  # noqa: N805 - zope.interface methods take no self
+    def decide_recipient(recipient, authenticated_as):
         """Return a `RecipientDecision` for an `Address`.
 
         `authenticated_as` is the account address string, or None for an
         unauthenticated (MX) client. May return a Deferred.
         """
 
-    def may_send_as(account, sender):  # noqa: N805 - zope.interface methods take no self
+    def may_send_as(account, sender):
         """True if `account` (str) may use envelope sender `sender` (Address or None)."""
 
 
 class IMailStore(Interface):
     """Durable local delivery into mailboxes."""
 
-    def open_delivery(mailboxes):  # noqa: N805 - zope.interface methods take no self
+    def open_delivery(mailboxes):
         """Start writing one message for a list of mailbox keys (`user@domain`).
 
         Returns an `IMessageWriter`.
@@ -38,7 +38,7 @@ class IMessageWriter(Interface):
 
     size = Attribute("bytes written so far")
 
-    def write(data):  # noqa: N805 - zope.interface methods take no self
+    def write(data):
         """Append bytes (LF line ends)."""
 
     def commit():
@@ -51,15 +51,15 @@ class IMessageWriter(Interface):
 class IOutboundQueue(Interface):
     """The durable outbound queue (remote recipients, forwarding, DSNs)."""
 
-    def open_entry(sender, recipients, dsn_params):  # noqa: N805 - zope.interface methods take no self
+    def open_entry(sender, recipients, dsn_params):
         """Start a queue entry; returns an `IMessageWriter` whose commit enqueues it."""
 
 
 class IAccountDirectory(Interface):
     """The accounts of this server (the passwd file)."""
 
-    def exists(address):  # noqa: N805 - zope.interface methods take no self
+    def exists(address):
         """True if the account `user@domain` (lower-case key) exists now."""
 
-    def verify(address, password):  # noqa: N805 - zope.interface methods take no self
+    def verify(address, password):
         """Deferred -> the account key if the password is right, else failure."""
